@@ -1,0 +1,1 @@
+"""Pieces shared by every kernel family: the affine-map combine and input checks."""

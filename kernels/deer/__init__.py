@@ -1,0 +1,1 @@
+"""Non-linear RNN cells for the DEER solver. ``naive.py`` holds the GRU cell and the sequential references."""

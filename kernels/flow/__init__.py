@@ -1,0 +1,1 @@
+"""Flow (generalised delta rule) kernels. ``naive.py`` holds the float64 references."""

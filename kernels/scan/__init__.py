@@ -1,0 +1,1 @@
+"""Affine-scan kernels (diagonal and dense). ``naive.py`` holds the float64 references."""

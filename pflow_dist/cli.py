@@ -1,0 +1,98 @@
+"""The ``pflow-dist`` command line: ``info``, ``bench`` (more subcommands land with their issues)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="pflow_dist: very long sequence recurrent models on one GPU and many.",
+                  no_args_is_help=True, add_completion=False)
+console = Console(width=160) if not Console().is_terminal else Console()
+
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16", "fp64": "float64", "float64": "float64"}
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """Versions, CUDA devices, the Triton backend, Ray and DeepSpeed availability."""
+    from .info import collect_info
+
+    data = collect_info()
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    from rich.table import Table
+
+    t = Table(title="pflow-dist info", show_header=False)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={'-' if v is None else v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = "; ".join(", ".join(f"{k}={v}" for k, v in d.items()) for d in value) or "none"
+        t.add_row(key, str(value))
+    console.print(t)
+
+
+@app.command()
+def bench(
+    name: Annotated[str | None, typer.Argument(help="Benchmark to run (see --list).")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the benchmarks and exit.")] = False,
+    case: Annotated[list[str] | None, typer.Option("--case", help="Run only this case (repeatable).")] = None,
+    mode: Annotated[list[str] | None, typer.Option("--mode", help="fwd or fwd+bwd (repeatable).")] = None,
+    impl: Annotated[list[str] | None, typer.Option("--impl", help="Only this implementation (repeatable).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Input dtype: fp32, bf16, fp16, fp64 (bench default).")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when present).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small cases (CPU smoke run).")] = False,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up calls.")] = 3,
+    rep: Annotated[int, typer.Option(min=1, help="Timed calls; the median is reported.")] = 10,
+    check: Annotated[bool, typer.Option(help="Measure the error against the float64 reference.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Append the rows to this JSONL file.")] = None,
+) -> None:
+    """Time ours and the peers in one process on the same inputs; print ratios; write JSONL rows."""
+    from .bench.registry import BENCHES
+
+    if list_:
+        for key, (_, desc) in sorted(BENCHES.items()):
+            console.print(f"[bold]{key:<10}[/bold] {desc}")
+        return
+    if name is None:
+        raise typer.BadParameter("give a benchmark name or --list", param_hint="NAME")
+    import torch
+
+    from .bench.harness import write_jsonl
+    from .bench.registry import get_bench, run_bench
+    from .bench.report import format_row, print_table
+
+    try:
+        spec = get_bench(name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="NAME") from e
+    if dtype is not None and dtype not in _DTYPES:
+        raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda was asked for but no CUDA device is visible", param_hint="--device")
+    try:
+        rows = run_bench(
+            spec, device=dev, dtype=getattr(torch, _DTYPES[dtype]) if dtype else None, quick=quick,
+            case_filter=case or (), modes=mode or None, impl_filter=impl or (), warmup=warmup, rep=rep,
+            check=check, on_row=lambda r: console.print(format_row(r), highlight=False),
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    print_table(rows, console)
+    if out is not None:
+        console.print(f"wrote {len(rows)} rows to {write_jsonl(rows, out)}")
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

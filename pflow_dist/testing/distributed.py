@@ -1,0 +1,126 @@
+"""Run a function on N real ``torch.distributed`` processes (gloo on CPU) and collect what each rank returns.
+
+Used by every distributed test: no mocks, real process groups. A rank that raises makes the whole call fail with
+that rank's traceback, and the other ranks are terminated instead of hanging in a collective; a run that outlives
+``timeout_s`` is killed and reported.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["DistributedRunError", "run_distributed"]
+
+
+class DistributedRunError(RuntimeError):
+    """A rank failed, or the run timed out."""
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    backend: str,
+    collective_timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple,
+    results: Any,
+) -> None:
+    torch.set_num_threads(1)  # N ranks share few cores: avoid oversubscription
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=collective_timeout_s),
+        )
+        try:
+            out = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, "ok", out))
+    except BaseException:  # report every failure, including SystemExit/KeyboardInterrupt in the child
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = 180.0,
+    collective_timeout_s: float = 60.0,
+) -> list[Any]:
+    """Spawn ``world_size`` processes, init a process group in each, run ``fn(rank, world_size, *args)``.
+
+    Args:
+        fn: a module-level (picklable) function; its return value must be picklable (move tensors to CPU).
+        world_size: number of ranks (2–4 on a small CPU box).
+        backend: ``"gloo"`` on CPU, ``"nccl"`` on GPUs.
+        timeout_s: wall-clock limit for the whole run.
+        collective_timeout_s: timeout of every collective (passed to ``init_process_group``), so a rank waiting on
+            a peer that died fails instead of hanging.
+
+    Returns:
+        The per-rank return values, indexed by rank.
+
+    Raises:
+        DistributedRunError: a rank raised (its traceback is included) or the run timed out.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="pflow_dist_pg_") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, world_size, init_file, backend, collective_timeout_s, fn, args, results),
+                daemon=True,
+            )
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        outs: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(outs) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(world_size)) - set(outs))
+                    raise DistributedRunError(f"distributed run timed out after {timeout_s:.0f}s; ranks {missing} "
+                                              "did not finish")
+                try:
+                    rank, status, payload = results.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outs]
+                    if dead:
+                        codes = {r: procs[r].exitcode for r in dead}
+                        raise DistributedRunError(f"rank(s) {dead} died without reporting (exit codes {codes})")
+                    continue
+                if status == "error":
+                    raise DistributedRunError(f"rank {rank} of {world_size} failed:\n{payload}")
+                outs[rank] = payload
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    return [outs[r] for r in range(world_size)]
