@@ -1,0 +1,25 @@
+"""pyproject lists packages by hand (kernels/ is mapped to pflow_dist.kernels): every package folder must be listed,
+so a wheel install (not only an editable one) contains all the code."""
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_package_folder_is_listed():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(cfg["tool"]["setuptools"]["packages"])
+    found = set()
+    for top, name in (("pflow_dist", "pflow_dist"), ("kernels", "pflow_dist.kernels")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / top)
+            found.add(".".join([name, *rel.parts]) if rel.parts else name)
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert listed - found == set(), f"listed but missing: {sorted(listed - found)}"
+
+
+def test_kernels_namespace_is_ours():
+    import pflow_dist.kernels as k
+
+    assert Path(k.__file__).resolve().parent == ROOT / "kernels"
