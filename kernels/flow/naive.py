@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ..common.affine import AffineMap
+from ..common.affine import AffineMap, compose
 from .shapes import as_rank_r, check_flow_inputs
 
-__all__ = ["naive_chunk_flow", "naive_flow_map", "naive_recurrent_flow"]
+__all__ = ["naive_chunk_flow", "naive_chunk_flow_map", "naive_flow_map", "naive_recurrent_flow"]
 
 _F64 = torch.float64
 
@@ -223,3 +223,44 @@ def naive_chunk_flow(
     final = S.to(_state_dtype(q) if acc_dtype == _F64 else torch.float32) if output_final_state else None
     return (o, final, maps) if return_chunk_maps else (o, final)
 
+
+
+def naive_chunk_flow_map(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    rank_form: str = "sum",
+    chunk_size: int = 16,
+    acc_dtype: torch.dtype = _F64,
+) -> AffineMap:
+    """The sequence's flow ``S_T = M S_0 + D`` by the chunked WY form (no outputs computed): per chunk
+    ``M_c = e^{G_C} I − K̃ᵀ W``, ``D_c = K̃ᵀ U``, composed in order. Same result as :func:`naive_flow_map`.
+
+    Returns:
+        ``(M [B, H, K, K], D [B, H, K, V])`` in ``acc_dtype``; differentiable by autograd.
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    q = torch.zeros(k.shape[:3] + (k.shape[-1],), dtype=k.dtype, device=k.device)
+    d, _, k, v, beta, g, _ = _prepare(q, k, v, beta, g, None, None, rank_form, acc_dtype)
+    B, T, H, R, K, V = d.B, d.T, d.H, d.R, d.K, d.V
+    gl = g if g is not None else k.new_zeros(B, T, H)
+    eye = torch.eye(K, dtype=acc_dtype, device=k.device)
+    M = eye.expand(B, H, K, K)
+    D = k.new_zeros(B, H, K, V)
+    for t0 in range(0, T, chunk_size):
+        C = min(chunk_size, T - t0)
+        n = C * R
+        sl = slice(t0, t0 + C)
+        kc = k[:, sl].permute(0, 2, 1, 3, 4).reshape(B, H, n, K)
+        vc = v[:, sl].permute(0, 2, 1, 3, 4).reshape(B, H, n, V)
+        bc = beta[:, sl].permute(0, 2, 1, 3).reshape(B, H, n)
+        Gc = torch.cumsum(gl[:, sl].permute(0, 2, 1), dim=-1).repeat_interleave(R, dim=-1)
+        coupling, _ = _chunk_masks(C, R, rank_form, k.device)
+        W, U = _chunk_wy(kc, vc, bc, Gc, coupling)
+        G_end = Gc[..., -1]
+        k_end = torch.exp(G_end[..., None] - Gc)[..., None] * kc
+        Mc = torch.exp(G_end)[..., None, None] * eye - k_end.transpose(-1, -2) @ W
+        M, D = compose((M, D), (Mc, k_end.transpose(-1, -2) @ U))
+    return M, D

@@ -1,0 +1,11 @@
+"""Sequence parallelism: sharding along time, the cross-device prefix combine (fwd + bwd), sequence-parallel ops."""
+
+from .combine import incoming_state
+from .comm import all_gather_stack, group_rank_size, replicated
+from .sharding import gather_sequence, shard_bounds, shard_sequence, zigzag_indices
+from .sp_ops import sp_flow, sp_scan
+
+__all__ = [
+    "all_gather_stack", "gather_sequence", "group_rank_size", "incoming_state", "replicated", "shard_bounds",
+    "shard_sequence", "sp_flow", "sp_scan", "zigzag_indices",
+]
