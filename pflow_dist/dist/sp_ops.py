@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch.distributed import ProcessGroup
 
-from ..kernels.flow.naive import naive_chunk_flow, naive_chunk_flow_map
-from ..kernels.flow.shapes import check_flow_inputs
 from ..kernels.scan.naive import check_scan_inputs, naive_scan
+from ..ops.flow import chunk_flow, flow_map
 from .combine import incoming_state
 
 __all__ = ["sp_flow", "sp_scan"]
@@ -35,6 +34,7 @@ def sp_flow(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sequence-parallel flow (generalised delta rule) over the ranks of ``group``.
 
@@ -45,17 +45,16 @@ def sp_flow(
         initial_state: the sequence's initial state ``[B, H, K, V]``, identical on every rank.
         output_final_state: return the state at the end of *this rank's* shard (on the last rank: the sequence's
             final state).
-        rank_form, scale, chunk_size: as in the flow op.
+        rank_form, scale, chunk_size, backend: as in :func:`pflow_dist.ops.flow.chunk_flow` (the local work is that
+            op: once for the shard's flow map, once from the incoming state).
 
     Returns:
         ``(o [B, T_p, H, V], final_state [B, H, K, V] or None)``.
     """
-    check_flow_inputs(q, k, v, beta, g, initial_state, rank_form)
-    acc = _acc_dtype(q)
-    M, D = naive_chunk_flow_map(k, v, beta, g, rank_form, chunk_size=chunk_size, acc_dtype=acc)
+    M, D = flow_map(k, v, beta, g, rank_form, chunk_size=chunk_size, backend=backend)
     S_in = incoming_state(M, D, initial_state, group)
-    o, S = naive_chunk_flow(q, k, v, beta, g, rank_form, scale, S_in, output_final_state=True, chunk_size=chunk_size,
-                            acc_dtype=acc)
+    o, S = chunk_flow(q, k, v, beta, g, rank_form, scale, S_in, output_final_state=True, chunk_size=chunk_size,
+                      backend=backend)
     return o, (S if output_final_state else None)
 
 
