@@ -90,6 +90,48 @@ def bench(
         console.print(f"wrote {len(rows)} rows to {write_jsonl(rows, out)}")
 
 
+@app.command()
+def scale(
+    mode: Annotated[str, typer.Option(help="weak (tokens per rank fixed) or strong (sequence fixed).")] = "weak",
+    world: Annotated[str, typer.Option(help="Comma-separated world sizes, e.g. 1,2,4.")] = "1,2",
+    tokens: Annotated[int, typer.Option(help="Tokens per rank (weak) or in the whole sequence (strong).")] = 4096,
+    batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
+    heads: Annotated[int, typer.Option(help="Heads H.")] = 2,
+    dim: Annotated[int, typer.Option(help="Head dimension K = V.")] = 32,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    device: Annotated[str | None, typer.Option(help="cpu (gloo processes) or cuda (one GPU per rank, NCCL).")] = None,
+    warmup: Annotated[int, typer.Option(min=0)] = 1,
+    rep: Annotated[int, typer.Option(min=1)] = 3,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSONL, PNG and Markdown table go.")] = Path("runs/scale"),
+) -> None:
+    """Weak or strong scaling of the sequence-parallel flow layer (fwd+bwd) over ranks: JSONL, plot, table."""
+    import torch
+    from rich.progress import Progress
+
+    from .bench.harness import write_jsonl
+    from .bench.scaling import ScaleConfig, markdown_table, plot, run_scaling
+
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    try:
+        sizes = tuple(int(p) for p in world.split(","))
+        cfg = ScaleConfig(mode=mode, world_sizes=sizes, tokens=tokens, batch=batch, heads=heads, dim=dim,
+                          dtype=_DTYPES[dtype], device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                          warmup=warmup, rep=rep)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{mode} scaling", total=len(sizes))
+        rows = run_scaling(cfg, on_point=lambda r: progress.advance(task))
+    stem = out_dir / f"{mode}-T{tokens}-H{heads}-D{dim}-{cfg.device}"
+    table = markdown_table(rows)
+    write_jsonl(rows, stem.with_suffix(".jsonl"))
+    stem.with_suffix(".md").write_text(table + "\n")
+    png = plot(rows, stem.with_suffix(".png"))
+    console.print(table, highlight=False)
+    console.print(f"wrote {stem.with_suffix('.jsonl')}, {stem.with_suffix('.md')}, {png}")
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()
 

@@ -1,0 +1,56 @@
+"""pflow-dist scale on CPU: real gloo process groups per world size, rows with the scaling metrics, the efficiency
+definitions, the Markdown table, the plot, and config validation."""
+
+import pytest
+from typer.testing import CliRunner
+
+from pflow_dist.bench.harness import read_jsonl
+from pflow_dist.bench.scaling import ScaleConfig, comm_bytes_flow, markdown_table, plot, run_scaling
+from pflow_dist.cli import app
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.mark.parametrize("mode", ["weak", "strong"])
+def test_sweep_rows_and_efficiency(mode, tmp_path):
+    cfg = ScaleConfig(mode=mode, world_sizes=(2, 1), tokens=96, heads=2, dim=8, warmup=0, rep=2, chunk_size=16)
+    rows = run_scaling(cfg)
+    assert [r.extra["world_size"] for r in rows] == [1, 2]
+    assert [r.extra["tokens"] for r in rows] == ([96, 192] if mode == "weak" else [96, 96])
+    t1, t2 = rows[0].median_ms, rows[1].median_ms
+    expected = t1 / t2 if mode == "weak" else t1 / (2 * t2)
+    assert rows[0].extra["efficiency"] == pytest.approx(1.0)
+    assert rows[1].extra["efficiency"] == pytest.approx(expected)
+    assert rows[1].extra["tokens_per_s"] == pytest.approx(rows[1].extra["tokens"] / (t2 / 1e3))
+    assert rows[0].extra["comm_bytes"] == 0 < rows[1].extra["comm_bytes"]
+    table = markdown_table(rows)
+    assert table.count("\n") == 3 and "| 2 |" in table
+    assert plot(rows, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_comm_bytes_grow_with_ranks():
+    cfg = ScaleConfig()
+    assert comm_bytes_flow(cfg, 1) == 0 < comm_bytes_flow(cfg, 2) < comm_bytes_flow(cfg, 4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="diagonal"), "mode must be one of"),
+    (dict(world_sizes=(0, 1)), "world_sizes must be positive"),
+    (dict(mode="strong", tokens=2, world_sizes=(1, 4)), "cannot use 4 ranks"),
+    (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ScaleConfig(**kwargs)
+
+
+def test_cli_writes_jsonl_table_and_plot(tmp_path):
+    res = CliRunner().invoke(app, ["scale", "--world", "1,2", "--tokens", "64", "--heads", "1", "--dim", "8",
+                                   "--warmup", "0", "--rep", "1", "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    stem = tmp_path / "weak-T64-H1-D8-cpu"
+    rows = read_jsonl(stem.with_suffix(".jsonl"))
+    assert [r["extra"]["world_size"] for r in rows] == [1, 2] and all(r["bench"] == "scale-weak" for r in rows)
+    assert stem.with_suffix(".png").exists() and "efficiency" in stem.with_suffix(".md").read_text()
+    res = CliRunner().invoke(app, ["scale", "--world", "1,x"])
+    assert res.exit_code != 0
