@@ -21,7 +21,7 @@ __all__ = ["BACKENDS", "MAX_DIM", "MAX_RANK", "chunk_flow", "flow_map"]
 BACKENDS = ("auto", "triton", "torch")
 MAX_RANK = 8
 MAX_DIM = 256
-_TRITON_READY = False  # interim: the Triton kernels land in the next commits
+_TRITON_READY = True
 
 
 def _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend) -> FlowDims:
@@ -117,7 +117,7 @@ def chunk_flow(
     d = _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend)
     be = _resolve_backend(backend, q.device)
     if be == "triton":
-        from ..kernels.flow.autograd import triton_chunk_flow  # noqa: PLC0415
+        from .flow_autograd import triton_chunk_flow  # noqa: PLC0415
 
         return triton_chunk_flow(q, k, v, beta, g, rank_form, scale, initial_state, output_final_state, chunk_size, d)
     o, final = naive_chunk_flow(
@@ -188,7 +188,7 @@ def flow_map(
     d = _validate(q, k, v, beta, g, None, rank_form, None, chunk_size, backend)
     be = _resolve_backend(backend, k.device)
     if be == "triton":
-        from ..kernels.flow.autograd import triton_flow_map  # noqa: PLC0415
+        from .flow_autograd import triton_flow_map  # noqa: PLC0415
 
         return triton_flow_map(k, v, beta, g, rank_form, chunk_size, d)
     return _torch_flow_map(k, v, beta, g, rank_form, chunk_size, d)

@@ -1,0 +1,170 @@
+# Launchers of the chunked flow kernels (chunk_fwd.py, chunk_bwd.py): tiling choices, intermediate buffers, and the
+# two small per-token steps done in torch (the in-chunk cumsum of the log-decay g, and its reverse for dg).
+"""Launchers of the chunked flow kernels: ``chunk_flow_fwd`` and ``chunk_flow_bwd`` (no autograd here)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk_bwd import chunk_flow_dvlocal_bwd_kernel, chunk_flow_grads_bwd_kernel, chunk_flow_state_bwd_kernel
+from .chunk_fwd import chunk_flow_output_fwd_kernel, chunk_flow_state_fwd_kernel, chunk_flow_wy_fwd_kernel
+
+__all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "plan_chunks", "token_cumsum"]
+
+ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles live in registers
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Tiling of one call: BC tokens and BT = BC·R_PAD rows per chunk, NT chunks, block sizes."""
+
+    B: int
+    T: int
+    H: int
+    R: int
+    K: int
+    V: int
+    R_PAD: int
+    BC: int
+    BT: int
+    BQ: int
+    NT: int
+    BK: int
+    BV: int
+    BKF: int
+    BVS: int  # V block of the sequential state kernels (state tile BKF × BVS)
+    product: bool
+
+
+def plan_chunks(B, T, H, R, K, V, chunk_size: int, rank_form: str) -> ChunkPlan:
+    """Pick the chunk: ``chunk_size`` tokens rounded down to a power of two, limited so that C·R_PAD ∈ [16, 64]."""
+    R_PAD = triton.next_power_of_2(R)
+    bc = 1 << (max(1, chunk_size).bit_length() - 1)
+    BC = max(max(1, 16 // R_PAD), min(bc, ROWS_MAX // R_PAD))
+    BT = BC * R_PAD
+    BKF = max(16, triton.next_power_of_2(K))
+    BVS = max(16, min(triton.next_power_of_2(V), 64, 8192 // BKF))
+    return ChunkPlan(
+        B=B, T=T, H=H, R=R, K=K, V=V, R_PAD=R_PAD, BC=BC, BT=BT, BQ=max(BC, 16), NT=triton.cdiv(T, BC),
+        BK=max(16, min(64, triton.next_power_of_2(K))), BV=max(16, min(64, triton.next_power_of_2(V))),
+        BKF=BKF, BVS=BVS, product=rank_form == "product",
+    )
+
+
+def token_cumsum(g: torch.Tensor | None, p: ChunkPlan) -> torch.Tensor | None:
+    """``g [B, T, H]`` -> in-chunk cumulative log-decay ``[B·H, NT·BC]`` in fp32 (slots past T repeat the last G)."""
+    if g is None:
+        return None
+    gt = g.float().permute(0, 2, 1)
+    gt = torch.nn.functional.pad(gt, (0, p.NT * p.BC - p.T))
+    return gt.reshape(p.B * p.H, p.NT, p.BC).cumsum(-1).reshape(p.B * p.H, p.NT * p.BC).contiguous()
+
+
+def _token_dg(dG_row: torch.Tensor, dG_q: torch.Tensor, p: ChunkPlan) -> torch.Tensor:
+    """dg per token from dG (per row and per query slot) by the reverse in-chunk cumsum: G_t = Σ_{s≤t} g_s."""
+    d = dG_row.view(p.B * p.H, p.NT, p.BC, p.R_PAD).sum(-1) + dG_q.view(p.B * p.H, p.NT, p.BC)
+    d = d.flip(-1).cumsum(-1).flip(-1)
+    return d.reshape(p.B, p.H, p.NT * p.BC)[:, :, : p.T].permute(0, 2, 1)
+
+
+def _wy_state(k, v, beta, G, h0, p: ChunkPlan, store_ht: bool, inter_dtype):
+    """Run the WY and the sequential state kernels: Ainv, W, U, per-chunk start states h, Vn, and the final state."""
+    dev = k.device
+    rows = p.B * p.H * p.NT * p.BT
+    W = torch.empty(rows, p.K, device=dev, dtype=inter_dtype)
+    U = torch.empty(rows, p.V, device=dev, dtype=inter_dtype)
+    Ainv = torch.empty(rows, p.BT, device=dev, dtype=inter_dtype)
+    gated = G is not None
+    Gp = G if gated else W  # a dummy pointer when not gated (never read)
+    chunk_flow_wy_fwd_kernel[(p.NT, p.B * p.H)](
+        k, v, beta, Gp, W, U, Ainv, p.T, p.H, p.R, p.K, p.V, p.NT,
+        BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, PRODUCT=p.product, GATED=gated, DT=dot_dtype(k),
+    )
+    h = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter_dtype)
+    Vn = torch.empty(rows, p.V, device=dev, dtype=inter_dtype)
+    hT = torch.empty(p.B, p.H, p.K, p.V, device=dev, dtype=torch.float32) if store_ht else None
+    chunk_flow_state_fwd_kernel[(triton.cdiv(p.V, p.BVS), p.B * p.H)](
+        k, W, U, Gp, h0 if h0 is not None else W, h, Vn, hT if store_ht else W,
+        p.T, p.H, p.R, p.K, p.V, p.NT,
+        BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated, USE_H0=h0 is not None,
+        STORE_HT=store_ht, DT=dot_dtype(k),
+    )
+    return W, U, Ainv, h, Vn, hT
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def dot_dtype(x: torch.Tensor):
+    """Operand dtype of tl.dot: the input dtype (fp32 accumulation), except bf16 under the Triton interpreter, whose
+    tl.dot multiplies the raw uint16 bit patterns of bf16 (Triton 3.9): there the operands are upcast to fp32."""
+    if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return tl.float32
+    return _TL_DTYPES[x.dtype]
+
+
+def _inter_dtype(x: torch.Tensor) -> torch.dtype:
+    """Intermediates (W, U, Ainv, h, Vn) are stored in the input dtype, as fla does; accumulation is fp32."""
+    return x.dtype
+
+
+def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool, p: ChunkPlan):
+    """Forward: ``o [B, T, H, V]`` (q's dtype) and the final state ``[B, H, K, V]`` fp32 (or None).
+
+    Inputs are contiguous, rank-R shaped (``k [B, T, H, R, K]``, ``v [B, T, H, R, V]``, ``beta [B, T, H, R]``);
+    ``G`` is :func:`token_cumsum` of g (None without gate); ``h0`` fp32 ``[B, H, K, V]`` or None.
+    """
+    _, _, _, h, Vn, hT = _wy_state(k, v, beta, G, h0, p, output_final_state, _inter_dtype(q))
+    o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
+    chunk_flow_output_fwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
+        q, k, Vn, h, G if G is not None else Vn, o, scale, p.T, p.H, p.R, p.K, p.V, p.NT,
+        BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=G is not None, DT=dot_dtype(q),
+    )
+    return o, hT
+
+
+def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, need_dh0: bool):
+    """Backward: recompute W, U, Ainv, h, Vn, then the reverse state pass and the per-chunk gradients.
+
+    Returns:
+        ``(dq, dk, dv, dbeta, dg, dh0)`` in the shapes of the inputs (dg ``[B, T, H]`` fp32 or None, dh0 fp32 or
+        None).
+    """
+    dev = q.device
+    inter = _inter_dtype(q)
+    W, U, Ainv, h, Vn, _ = _wy_state(k, v, beta, G, h0, p, False, inter)
+    gated = G is not None
+    Gp = G if gated else W
+    rows = p.B * p.H * p.NT * p.BT
+    dVn = torch.empty(rows, p.V, device=dev, dtype=torch.float32)
+    chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
+        q, k, do, Gp, dVn, scale, p.T, p.H, p.R, p.K, p.V, p.NT,
+        BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=gated, DT=dot_dtype(q),
+    )
+    dh = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter)
+    dh0 = torch.empty(p.B, p.H, p.K, p.V, device=dev, dtype=torch.float32) if need_dh0 else None
+    chunk_flow_state_bwd_kernel[(triton.cdiv(p.V, p.BVS), p.B * p.H)](
+        q, k, W, do, Gp, dht if dht is not None else W, dh, dVn, dh0 if need_dh0 else W, scale,
+        p.T, p.H, p.R, p.K, p.V, p.NT,
+        BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated, USE_DHT=dht is not None,
+        STORE_DH0=need_dh0, DT=dot_dtype(q),
+    )
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dG_row = torch.empty(p.B * p.H, p.NT * p.BT, device=dev, dtype=torch.float32) if gated else None
+    dG_q = torch.empty(p.B * p.H, p.NT * p.BC, device=dev, dtype=torch.float32) if gated else None
+    chunk_flow_grads_bwd_kernel[(p.NT, p.B * p.H)](
+        q, k, v, beta, Gp, W, U, Ainv, h, dh, Vn, dVn, do,
+        dq, dk, dv, dbeta, dG_row if gated else W, dG_q if gated else W, scale,
+        p.T, p.H, p.R, p.K, p.V, p.NT,
+        BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, PRODUCT=p.product, GATED=gated, DT=dot_dtype(q),
+    )
+    dg = _token_dg(dG_row, dG_q, p) if gated else None
+    return dq, dk, dv, dbeta, dg, dh0

@@ -1,0 +1,257 @@
+# Backward Triton kernels of the chunked flow op (rank-R delta rule, WY form). Papers: see chunk_fwd.py.
+#
+# Per chunk, with incoming state S (h_c), scaled queries qs = scale·q, row decays Γ_i = e^{G_i}, κ_i = e^{G_end−G_i}:
+#   forward   Kβ = diag(βΓ) K, Vβ = diag(β) V, W = Ainv Kβ, U = Ainv Vβ, Vn = U − W S,
+#             O_t = e^{G_t} qs_t S + Σ_j Att_tj Vn_j   (Att_tj = (qs_t·k_j) e^{G_t−G_j} [tok j ≤ t]),
+#             S' = e^{G_end} S + Σ_j κ_j k_j Vn_jᵀ
+#   backward  (given dO and dS' = the gradient of the chunk-end state)
+#     dVn  = Attᵀ dO + diag(κ) K dS'                            (dvlocal kernel + state kernel)
+#     dS   = e^{G_end} dS' + (e^{G} qs)ᵀ dO − Wᵀ dVn            (state kernel, reverse over chunks)
+#     dW   = −dVn Sᵀ,  dKβ = Ainvᵀ dW,  dVβ = Ainvᵀ dVn          (grads kernel, below)
+#     dA   = −(dKβ Wᵀ + dVβ Uᵀ) on the coupling mask             (d(I+A)⁻¹ = −Ainv dA Ainv)
+#     with A_ij = β_i (k_i·k_j) e^{G_i−G_j} and P = dA ⊙ β_i e^{G_i−G_j}:
+#     dk   = scale·DpDᵀ q + diag(κ) Vn dS'ᵀ + diag(βΓ) dKβ + P K + Pᵀ K,     Dp = dO Vnᵀ, DpD = Dp ⊙ e^{G_t−G_j} ⊙ vis
+#     dq   = scale·(e^{G} ⊙ dO Sᵀ + DpD K),  dv = diag(β) dVβ,
+#     dβ   = rowsum(dVβ ⊙ V) + Γ rowsum(dKβ ⊙ K) + rowsum(dA ⊙ KKᵀ ⊙ e^{G_i−G_j})
+#     dG (per row / query slot; summed and reverse-cumsummed to dg in torch):
+#       rows    rowsum(dA⊙A) − colsum(dA⊙A) − colsum(Dp⊙Att) + βΓ rowsum(dKβ⊙K) − κ rowsum(K ⊙ Vn dS'ᵀ)
+#       queries rowsum(Dp⊙Att) + e^{G_t} qs_t·(S dO_t),   last slot += e^{G_end}⟨S, dS'⟩ + Σ_j κ_j k_j·(dS' Vn_j)
+"""Backward Triton kernels of the chunked flow: local dVn, the reverse state pass, the per-chunk gradients."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .chunk_fwd import _row_offsets, _rows
+
+__all__ = ["chunk_flow_dvlocal_bwd_kernel", "chunk_flow_grads_bwd_kernel", "chunk_flow_state_bwd_kernel"]
+
+
+@triton.jit
+def chunk_flow_dvlocal_bwd_kernel(
+    q, k, do, Gtok, dVn, scale,
+    T, H, R, K, V, NT,
+    BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
+):
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bh64 = i_bh.to(tl.int64)
+    o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
+    row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
+    o_q = tl.arange(0, BQ)
+    q_ok = (o_q < BC) & (i_c * BC + o_q < T)
+    q_row = (i_b.to(tl.int64) * T + i_c * BC + o_q) * H + i_h
+    b_s = tl.zeros([BQ, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        mk = o_k < K
+        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(DT)
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
+        b_s += tl.dot(b_q, tl.trans(b_k))
+    vis = (tok[None, :] <= o_q[:, None]) & q_ok[:, None]
+    if GATED:
+        b_Gq = tl.load(Gtok + bh64 * NT * BC + i_c * BC + o_q, mask=o_q < BC, other=0.0)
+        b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
+        b_s = b_s * tl.exp(tl.where(vis, b_Gq[:, None] - b_G[None, :], 0.0))
+    b_s = tl.where(vis, b_s * scale, 0.0)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mv = o_v < V
+    b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :], other=0.0)
+    b_dv = tl.dot(tl.trans(b_s).to(DT), b_do.to(DT))
+    tl.store(dVn + ((bh64 * NT + i_c) * BT + o_i)[:, None] * V + o_v[None, :], b_dv, mask=mv[None, :])
+
+
+@triton.jit
+def chunk_flow_state_bwd_kernel(
+    q, k, W, do, Gtok, dht, dh, dVn, dh0, scale,
+    T, H, R, K, V, NT,
+    BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BKF: tl.constexpr,
+    BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DT: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bh64 = i_bh.to(tl.int64)
+    o_kf = tl.arange(0, BKF)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = o_kf < K, o_v < V
+    m_kv = mk[:, None] & mv[None, :]
+    p_state = o_kf[:, None] * V + o_v[None, :]
+    o_q = tl.arange(0, BQ)
+    b_dh = tl.zeros([BKF, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + bh64 * K * V + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    for i_r in range(NT):
+        i_c = NT - 1 - i_r
+        o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
+        row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
+        q_ok = (o_q < BC) & (i_c * BC + o_q < T)
+        q_row = (i_b.to(tl.int64) * T + i_c * BC + o_q) * H + i_h
+        base = (bh64 * NT + i_c) * BT
+        tl.store(dh + (bh64 * NT + i_c) * K * V + p_state, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        b_k = tl.load(k + row[:, None] * K + o_kf[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
+        b_q = tl.load(q + q_row[:, None] * K + o_kf[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0)
+        if GATED:
+            b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
+            b_Gq = tl.load(Gtok + bh64 * NT * BC + i_c * BC + o_q, mask=o_q < BC, other=0.0)
+            g_end = tl.load(Gtok + bh64 * NT * BC + i_c * BC + BC - 1)
+            b_k = (b_k.to(tl.float32) * tl.exp(g_end - b_G)[:, None]).to(DT)
+            b_q = (b_q.to(tl.float32) * (scale * tl.exp(b_Gq))[:, None]).to(DT)
+        else:
+            b_q = (b_q.to(tl.float32) * scale).to(DT)
+        p_dvn = dVn + (base + o_i)[:, None] * V + o_v[None, :]
+        b_dvn = tl.load(p_dvn, mask=mv[None, :], other=0.0) + tl.dot(b_k, b_dh.to(DT))
+        tl.store(p_dvn, b_dvn, mask=mv[None, :])
+        b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :], other=0.0)
+        b_w = tl.load(W + (base + o_i)[:, None] * K + o_kf[None, :], mask=mk[None, :], other=0.0).to(DT)
+        if GATED:
+            b_dh = b_dh * tl.exp(g_end)
+        b_dh += tl.dot(tl.trans(b_q), b_do.to(DT)) - tl.dot(tl.trans(b_w), b_dvn.to(DT))
+    if STORE_DH0:
+        tl.store(dh0 + bh64 * K * V + p_state, b_dh, mask=m_kv)
+
+
+@triton.jit
+def chunk_flow_grads_bwd_kernel(
+    q, k, v, beta, Gtok, W, U, Ainv, h, dh, Vn, dVn, do,
+    dq, dk, dv, dbeta, dG_row, dG_q, scale,
+    T, H, R, K, V, NT,
+    BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PRODUCT: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
+):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bh64 = i_bh.to(tl.int64)
+    o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
+    row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
+    o_q = tl.arange(0, BQ)
+    q_ok = (o_q < BC) & (i_c * BC + o_q < T)
+    q_row = (i_b.to(tl.int64) * T + i_c * BC + o_q) * H + i_h
+    base = (bh64 * NT + i_c) * BT
+    sbase = (bh64 * NT + i_c) * K * V
+    dt: tl.constexpr = DT
+
+    b_beta = tl.load(beta + row, mask=ok, other=0.0).to(tl.float32)
+    vis = (tok[None, :] <= o_q[:, None]) & q_ok[:, None]
+    if PRODUCT:
+        coup = o_i[:, None] > o_i[None, :]
+    else:
+        coup = tok[:, None] > tok[None, :]
+    b_Ai = tl.load(Ainv + (base + o_i)[:, None] * BT + o_i[None, :]).to(dt)
+
+    # pass over V: Dp = dO Vnᵀ, dVβ = Ainvᵀ dVn (-> dv, dβ), dA -= dVβ Uᵀ
+    b_Dp = tl.zeros([BQ, BT], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        mv = o_v < V
+        p_rv = (base + o_i)[:, None] * V + o_v[None, :]
+        b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :], other=0.0).to(dt)
+        b_vn = tl.load(Vn + p_rv, mask=mv[None, :], other=0.0).to(dt)
+        b_dvn = tl.load(dVn + p_rv, mask=mv[None, :], other=0.0).to(dt)
+        b_u = tl.load(U + p_rv, mask=mv[None, :], other=0.0).to(dt)
+        b_v = tl.load(v + row[:, None] * V + o_v[None, :], mask=ok[:, None] & mv[None, :], other=0.0)
+        b_Dp += tl.dot(b_do, tl.trans(b_vn))
+        b_dvb = tl.dot(tl.trans(b_Ai), b_dvn)
+        b_dA -= tl.dot(b_dvb.to(dt), tl.trans(b_u))
+        b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+        tl.store(dv + row[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
+                 mask=ok[:, None] & mv[None, :])
+
+    # first pass over K: scores QKᵀ, Gram KKᵀ, dA -= dKβ Wᵀ with dKβ = Ainvᵀ(−dVn Sᵀ)
+    b_s = tl.zeros([BQ, BT], dtype=tl.float32)
+    b_gram = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        mk = o_k < K
+        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(dt)
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(dt)
+        b_w = tl.load(W + (base + o_i)[:, None] * K + o_k[None, :], mask=mk[None, :], other=0.0).to(dt)
+        b_s += tl.dot(b_q, tl.trans(b_k))
+        b_gram += tl.dot(b_k, tl.trans(b_k))
+        b_dW = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            mv = o_v < V
+            b_dvn = tl.load(dVn + (base + o_i)[:, None] * V + o_v[None, :], mask=mv[None, :], other=0.0).to(dt)
+            b_h = tl.load(h + sbase + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :],
+                          other=0.0).to(dt)
+            b_dW -= tl.dot(b_dvn, tl.trans(b_h))
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(dt))
+        b_dA -= tl.dot(b_dkb.to(dt), tl.trans(b_w))
+
+    if GATED:
+        b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
+        b_Gq = tl.load(Gtok + bh64 * NT * BC + i_c * BC + o_q, mask=o_q < BC, other=0.0)
+        g_end = tl.load(Gtok + bh64 * NT * BC + i_c * BC + BC - 1)
+        dec_q = tl.where(vis, tl.exp(tl.where(vis, b_Gq[:, None] - b_G[None, :], 0.0)), 0.0)
+        dec_a = tl.where(coup, tl.exp(tl.where(coup, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
+        b_gam = tl.exp(b_G)
+        b_kap = tl.exp(g_end - b_G)
+        b_gq = tl.exp(b_Gq)
+    else:
+        dec_q = vis.to(tl.float32)
+        dec_a = coup.to(tl.float32)
+        b_gam = tl.full([BT], 1.0, dtype=tl.float32)
+        b_kap = tl.full([BT], 1.0, dtype=tl.float32)
+        b_gq = tl.full([BQ], 1.0, dtype=tl.float32)
+    b_DpD = b_Dp * dec_q
+    b_dA = tl.where(coup, b_dA, 0.0)
+    b_Ad = b_gram * dec_a  # A = diag(β) b_Ad
+    b_db += tl.sum(b_dA * b_Ad, 1)
+    b_P = b_dA * dec_a * b_beta[:, None]
+    if GATED:
+        b_dAA = b_dA * b_Ad * b_beta[:, None]
+        b_DpA = b_DpD * b_s * scale
+        b_dGr = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) - tl.sum(b_DpA, 0)
+        b_dGq = tl.sum(b_DpA, 1)
+        b_end = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)
+    b_DpDd = b_DpD.to(dt)
+    b_Pd = b_P.to(dt)
+
+    # second pass over K: dq, dk (every term), the K parts of dβ and dG
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        mk = o_k < K
+        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(dt)
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(dt)
+        b_dW = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dqi = tl.zeros([BQ, BK], dtype=tl.float32)
+        b_kds = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            mv = o_v < V
+            p_rv = (base + o_i)[:, None] * V + o_v[None, :]
+            p_s = sbase + o_k[:, None] * V + o_v[None, :]
+            b_h = tl.load(h + p_s, mask=mk[:, None] & mv[None, :], other=0.0).to(dt)
+            b_dhc = tl.load(dh + p_s, mask=mk[:, None] & mv[None, :], other=0.0).to(dt)
+            b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :],
+                           other=0.0).to(dt)
+            b_vn = tl.load(Vn + p_rv, mask=mv[None, :], other=0.0).to(dt)
+            b_dvn = tl.load(dVn + p_rv, mask=mv[None, :], other=0.0).to(dt)
+            b_dW -= tl.dot(b_dvn, tl.trans(b_h))
+            b_dqi += tl.dot(b_do, tl.trans(b_h))
+            b_kds += tl.dot(b_vn, tl.trans(b_dhc))
+            if GATED:
+                b_end += tl.sum(tl.sum(b_h.to(tl.float32) * b_dhc.to(tl.float32), 1), 0) * tl.exp(g_end)
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(dt))
+        b_dq = (b_dqi * b_gq[:, None] + tl.dot(b_DpDd, b_k)) * scale
+        b_dk = tl.dot(tl.trans(b_DpDd), b_q) * scale + b_kds * b_kap[:, None] + b_dkb * (b_beta * b_gam)[:, None]
+        b_dk += tl.dot(b_Pd, b_k) + tl.dot(tl.trans(b_Pd), b_k)
+        b_kf = b_k.to(tl.float32)
+        b_dkk = tl.sum(b_dkb * b_kf, 1)
+        b_db += b_gam * b_dkk
+        if GATED:
+            b_t2 = tl.sum(b_kf * b_kds, 1) * b_kap
+            b_dGr += b_dkk * b_beta * b_gam - b_t2
+            b_end += tl.sum(b_t2, 0)
+            b_dGq += b_gq * scale * tl.sum(b_q.to(tl.float32) * b_dqi, 1)
+        tl.store(dq + q_row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=q_ok[:, None] & mk[None, :])
+        tl.store(dk + row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=ok[:, None] & mk[None, :])
+    tl.store(dbeta + row, b_db.to(dbeta.dtype.element_ty), mask=ok)
+    if GATED:
+        b_dGq += tl.where(o_q == BC - 1, b_end, 0.0)
+        tl.store(dG_row + bh64 * NT * BT + i_c * BT + o_i, b_dGr)
+        tl.store(dG_q + bh64 * NT * BC + i_c * BC + o_q, b_dGq, mask=o_q < BC)
