@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .chunk_bwd import chunk_flow_dvlocal_bwd_kernel, chunk_flow_grads_bwd_kernel, chunk_flow_state_bwd_kernel
-from .chunk_fwd import chunk_flow_output_fwd_kernel, chunk_flow_state_fwd_kernel, chunk_flow_wy_fwd_kernel
+from .chunk_fwd import chunk_flow_output_fwd_kernel, chunk_flow_state_fwd_kernel
+from .chunk_wy import chunk_flow_wy_fwd_kernel
 
 __all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "plan_chunks", "token_cumsum"]
 

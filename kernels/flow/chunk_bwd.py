@@ -130,7 +130,6 @@ def chunk_flow_grads_bwd_kernel(
     q_row = (i_b.to(tl.int64) * T + i_c * BC + o_q) * H + i_h
     base = (bh64 * NT + i_c) * BT
     sbase = (bh64 * NT + i_c) * K * V
-    dt: tl.constexpr = DT
 
     b_beta = tl.load(beta + row, mask=ok, other=0.0).to(tl.float32)
     vis = (tok[None, :] <= o_q[:, None]) & q_ok[:, None]
@@ -138,7 +137,7 @@ def chunk_flow_grads_bwd_kernel(
         coup = o_i[:, None] > o_i[None, :]
     else:
         coup = tok[:, None] > tok[None, :]
-    b_Ai = tl.load(Ainv + (base + o_i)[:, None] * BT + o_i[None, :]).to(dt)
+    b_Ai = tl.load(Ainv + (base + o_i)[:, None] * BT + o_i[None, :]).to(DT)
 
     # pass over V: Dp = dO Vnᵀ, dVβ = Ainvᵀ dVn (-> dv, dβ), dA -= dVβ Uᵀ
     b_Dp = tl.zeros([BQ, BT], dtype=tl.float32)
@@ -148,14 +147,14 @@ def chunk_flow_grads_bwd_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         mv = o_v < V
         p_rv = (base + o_i)[:, None] * V + o_v[None, :]
-        b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :], other=0.0).to(dt)
-        b_vn = tl.load(Vn + p_rv, mask=mv[None, :], other=0.0).to(dt)
-        b_dvn = tl.load(dVn + p_rv, mask=mv[None, :], other=0.0).to(dt)
-        b_u = tl.load(U + p_rv, mask=mv[None, :], other=0.0).to(dt)
+        b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :], other=0.0).to(DT)
+        b_vn = tl.load(Vn + p_rv, mask=mv[None, :], other=0.0).to(DT)
+        b_dvn = tl.load(dVn + p_rv, mask=mv[None, :], other=0.0).to(DT)
+        b_u = tl.load(U + p_rv, mask=mv[None, :], other=0.0).to(DT)
         b_v = tl.load(v + row[:, None] * V + o_v[None, :], mask=ok[:, None] & mv[None, :], other=0.0)
         b_Dp += tl.dot(b_do, tl.trans(b_vn))
         b_dvb = tl.dot(tl.trans(b_Ai), b_dvn)
-        b_dA -= tl.dot(b_dvb.to(dt), tl.trans(b_u))
+        b_dA -= tl.dot(b_dvb.to(DT), tl.trans(b_u))
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         tl.store(dv + row[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=ok[:, None] & mv[None, :])
@@ -166,21 +165,21 @@ def chunk_flow_grads_bwd_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         mk = o_k < K
-        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(dt)
-        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(dt)
-        b_w = tl.load(W + (base + o_i)[:, None] * K + o_k[None, :], mask=mk[None, :], other=0.0).to(dt)
+        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(DT)
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
+        b_w = tl.load(W + (base + o_i)[:, None] * K + o_k[None, :], mask=mk[None, :], other=0.0).to(DT)
         b_s += tl.dot(b_q, tl.trans(b_k))
         b_gram += tl.dot(b_k, tl.trans(b_k))
         b_dW = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             mv = o_v < V
-            b_dvn = tl.load(dVn + (base + o_i)[:, None] * V + o_v[None, :], mask=mv[None, :], other=0.0).to(dt)
+            b_dvn = tl.load(dVn + (base + o_i)[:, None] * V + o_v[None, :], mask=mv[None, :], other=0.0).to(DT)
             b_h = tl.load(h + sbase + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :],
-                          other=0.0).to(dt)
+                          other=0.0).to(DT)
             b_dW -= tl.dot(b_dvn, tl.trans(b_h))
-        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(dt))
-        b_dA -= tl.dot(b_dkb.to(dt), tl.trans(b_w))
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(DT))
+        b_dA -= tl.dot(b_dkb.to(DT), tl.trans(b_w))
 
     if GATED:
         b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
@@ -208,15 +207,15 @@ def chunk_flow_grads_bwd_kernel(
         b_dGr = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) - tl.sum(b_DpA, 0)
         b_dGq = tl.sum(b_DpA, 1)
         b_end = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)
-    b_DpDd = b_DpD.to(dt)
-    b_Pd = b_P.to(dt)
+    b_DpDd = b_DpD.to(DT)
+    b_Pd = b_P.to(DT)
 
     # second pass over K: dq, dk (every term), the K parts of dβ and dG
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         mk = o_k < K
-        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(dt)
-        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(dt)
+        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(DT)
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
         b_dW = tl.zeros([BT, BK], dtype=tl.float32)
         b_dqi = tl.zeros([BQ, BK], dtype=tl.float32)
         b_kds = tl.zeros([BT, BK], dtype=tl.float32)
@@ -225,18 +224,18 @@ def chunk_flow_grads_bwd_kernel(
             mv = o_v < V
             p_rv = (base + o_i)[:, None] * V + o_v[None, :]
             p_s = sbase + o_k[:, None] * V + o_v[None, :]
-            b_h = tl.load(h + p_s, mask=mk[:, None] & mv[None, :], other=0.0).to(dt)
-            b_dhc = tl.load(dh + p_s, mask=mk[:, None] & mv[None, :], other=0.0).to(dt)
+            b_h = tl.load(h + p_s, mask=mk[:, None] & mv[None, :], other=0.0).to(DT)
+            b_dhc = tl.load(dh + p_s, mask=mk[:, None] & mv[None, :], other=0.0).to(DT)
             b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :],
-                           other=0.0).to(dt)
-            b_vn = tl.load(Vn + p_rv, mask=mv[None, :], other=0.0).to(dt)
-            b_dvn = tl.load(dVn + p_rv, mask=mv[None, :], other=0.0).to(dt)
+                           other=0.0).to(DT)
+            b_vn = tl.load(Vn + p_rv, mask=mv[None, :], other=0.0).to(DT)
+            b_dvn = tl.load(dVn + p_rv, mask=mv[None, :], other=0.0).to(DT)
             b_dW -= tl.dot(b_dvn, tl.trans(b_h))
             b_dqi += tl.dot(b_do, tl.trans(b_h))
             b_kds += tl.dot(b_vn, tl.trans(b_dhc))
             if GATED:
                 b_end += tl.sum(tl.sum(b_h.to(tl.float32) * b_dhc.to(tl.float32), 1), 0) * tl.exp(g_end)
-        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(dt))
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(DT))
         b_dq = (b_dqi * b_gq[:, None] + tl.dot(b_DpDd, b_k)) * scale
         b_dk = tl.dot(tl.trans(b_DpDd), b_q) * scale + b_kds * b_kap[:, None] + b_dkb * (b_beta * b_gam)[:, None]
         b_dk += tl.dot(b_Pd, b_k) + tl.dot(tl.trans(b_Pd), b_k)

@@ -11,7 +11,7 @@
 # G_end is simply the value at the chunk's last slot).
 #
 # Three kernels, as in fla's chunk_delta_rule:
-#   chunk_flow_wy_fwd_kernel      (parallel over chunks)  A = β·KKᵀ·e^{G_i−G_j} on the coupling mask, Ainv = (I+A)⁻¹,
+#   chunk_flow_wy_fwd_kernel      (chunk_wy.py, parallel)  A = β·KKᵀ·e^{G_i−G_j} on the coupling mask, Ainv = (I+A)⁻¹,
 #                                                          W = Ainv (β e^G K), U = Ainv (β V)
 #   chunk_flow_state_fwd_kernel   (sequential over chunks) h_c = state at chunk start, Vn = U − W h_c,
 #                                                          h_{c+1} = e^{G_end} h_c + (e^{G_end−G} K)ᵀ Vn
@@ -23,11 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = [
-    "chunk_flow_output_fwd_kernel",
-    "chunk_flow_state_fwd_kernel",
-    "chunk_flow_wy_fwd_kernel",
-]
+__all__ = ["chunk_flow_output_fwd_kernel", "chunk_flow_state_fwd_kernel"]
 
 
 @triton.jit
@@ -45,64 +41,6 @@ def _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC: tl.constexpr):
     """Flat row index (int64) of rows (t, r) in a [B, T, H, R, ·] tensor."""
     t_abs = (i_c * BC + tok).to(tl.int64)
     return ((i_b.to(tl.int64) * T + t_abs) * H + i_h) * R + rr
-
-
-@triton.jit
-def chunk_flow_wy_fwd_kernel(
-    k, v, beta, Gtok, W, U, Ainv,
-    T, H, R, K, V, NT,
-    BT: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRODUCT: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
-):
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
-    row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
-    b_beta = tl.load(beta + row, mask=ok, other=0.0).to(tl.float32)
-    if GATED:
-        b_G = tl.load(Gtok + i_bh.to(tl.int64) * NT * BC + i_c * BC + tok)
-    else:
-        b_G = tl.zeros([BT], dtype=tl.float32)
-
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & (o_k < K)[None, :], other=0.0).to(DT)
-        b_A += tl.dot(b_k, tl.trans(b_k))
-    if PRODUCT:
-        coup = o_i[:, None] > o_i[None, :]
-    else:
-        coup = tok[:, None] > tok[None, :]
-    # exp only where coupled: e^{G_i−G_j} with j after i could overflow
-    b_A = tl.where(coup, b_A * b_beta[:, None] * tl.exp(tl.where(coup, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
-
-    # (I + A)⁻¹ by forward substitution on the rows: N_i = L_i + Σ_{j<i} L_ij N_j with L = −A, inverse = I + N
-    b_A = -b_A
-    for i in range(1, BT):
-        sel = o_i == i
-        b_a = tl.sum(tl.where(sel[:, None], b_A, 0.0), 0)
-        b_a = b_a + tl.sum(b_a[:, None] * b_A, 0) * (o_i < i)
-        b_A = tl.where(sel[:, None], b_a[None, :], b_A)
-    b_A += (o_i[:, None] == o_i[None, :]).to(tl.float32)
-
-    base = (i_bh.to(tl.int64) * NT + i_c) * BT
-    tl.store(Ainv + (base + o_i)[:, None] * BT + o_i[None, :], b_A.to(Ainv.dtype.element_ty))
-    b_Ad = b_A.to(DT)
-    b_kscale = b_beta * tl.exp(b_G)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mk = o_k < K
-        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0)
-        b_kb = (b_k.to(tl.float32) * b_kscale[:, None]).to(DT)
-        b_w = tl.dot(b_Ad, b_kb)
-        tl.store(W + (base + o_i)[:, None] * K + o_k[None, :], b_w.to(W.dtype.element_ty), mask=mk[None, :])
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        mv = o_v < V
-        b_v = tl.load(v + row[:, None] * V + o_v[None, :], mask=ok[:, None] & mv[None, :], other=0.0)
-        b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(DT)
-        b_u = tl.dot(b_Ad, b_vb)
-        tl.store(U + (base + o_i)[:, None] * V + o_v[None, :], b_u.to(U.dtype.element_ty), mask=mv[None, :])
 
 
 @triton.jit
