@@ -132,6 +132,46 @@ def scale(
     console.print(f"wrote {stem.with_suffix('.jsonl')}, {stem.with_suffix('.md')}, {png}")
 
 
+launch_app = typer.Typer(help="Launch the training loop with DeepSpeed or Ray.", no_args_is_help=True)
+app.add_typer(launch_app, name="launch")
+
+
+@launch_app.command("deepspeed")
+def launch_deepspeed(
+    config: Annotated[Path, typer.Option(help="Training config (YAML).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of the config.")] = None,
+    num_gpus: Annotated[int, typer.Option(help="Processes (GPUs) per node.")] = 1,
+    num_nodes: Annotated[int | None, typer.Option(help="Nodes (default: all hosts of the hostfile).")] = None,
+    hostfile: Annotated[Path | None, typer.Option(help="OpenMPI-style hostfile: 'host slots=N' per line.")] = None,
+    master_addr: Annotated[str | None, typer.Option(help="Rendezvous host (rank 0's node).")] = None,
+    master_port: Annotated[int, typer.Option(help="Rendezvous port.")] = 29500,
+    no_ssh: Annotated[bool, typer.Option("--no-ssh", help="One launcher per node (Kubernetes), needs --node-rank.")]
+    = False,
+    node_rank: Annotated[int | None, typer.Option(help="This node's rank with --no-ssh.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
+) -> None:
+    """Build the ``deepspeed`` command for ``pflow_dist.train`` and run it (or print it with --dry-run)."""
+    import subprocess
+
+    from .launch.deepspeed import DeepSpeedLaunch, build_command, deepspeed_executable, format_command
+
+    spec = DeepSpeedLaunch(config=config, num_gpus=num_gpus, num_nodes=num_nodes, hostfile=hostfile,
+                           master_addr=master_addr, master_port=master_port, no_ssh=no_ssh, node_rank=node_rank,
+                           overrides=list(overrides or []))
+    try:
+        cmd = build_command(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(format_command(cmd), highlight=False)
+    if dry_run:
+        return
+    try:
+        cmd[0] = deepspeed_executable()
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e)) from e
+    raise typer.Exit(subprocess.call(cmd))
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()
 

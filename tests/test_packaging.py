@@ -11,7 +11,7 @@ def test_every_package_folder_is_listed():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(cfg["tool"]["setuptools"]["packages"])
     found = set()
-    for top, name in (("pflow_dist", "pflow_dist"), ("kernels", "pflow_dist.kernels")):
+    for top, name in (("pflow_dist", "pflow_dist"), ("kernels", "pflow_dist.kernels"), ("launch", "pflow_dist.launch")):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top)
             found.add(".".join([name, *rel.parts]) if rel.parts else name)
