@@ -1,0 +1,171 @@
+# Launchers of the window-attention Triton kernels (window_fwd.py, window_bwd.py): tensor preparation, block sizes,
+# grids. The backward is FlashAttention-2's split (Dao 2023, arXiv 2307.08691): one query-centric pass for dQ and one
+# key-centric pass for dK/dV per key set (window keys; global keys), so no pass needs atomics.
+"""Python launchers of the positioned window-attention kernels: ``window_attn_fwd`` and ``window_attn_bwd``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .window_bwd import window_sparse_attn_bwd_dkdv_kernel
+from .window_fwd import window_sparse_attn_bwd_dq_kernel, window_sparse_attn_fwd_kernel
+
+__all__ = ["INF_WINDOW", "TRITON_DTYPES", "window_attn_bwd", "window_attn_fwd"]
+
+INF_WINDOW = 1 << 30  # "no window": t − s < 2^30 for every position that fits the int32 arithmetic of the kernels
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """tl.dot operand type: the input dtype, except bf16 under the interpreter, whose tl.dot multiplies the raw bf16
+    bit patterns (Triton 3.9, see kernels/flow/chunk.py): there the operands are upcast to fp32."""
+    if dtype == torch.bfloat16 and _interpreting():
+        return tl.float32
+    return _TL[dtype]
+
+
+def _blocks(D: int, Dv: int) -> dict[str, int]:
+    bd = max(16, triton.next_power_of_2(D))
+    bdv = max(16, triton.next_power_of_2(Dv))
+    if _interpreting():  # the interpreter runs every lane in numpy: the smallest legal tiles are the fastest
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd, BLOCK_DV=bdv)
+    big = max(bd, bdv) > 64
+    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=4,
+                num_stages=2)
+
+
+def _prec(dtype: torch.dtype) -> str | None:
+    # fp32 inputs get exact fp32 products (no TF32: the tests compare against float64); half types: Triton's default
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _pos(x: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if x is None:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    return x.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _s3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def window_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_start: int = 0,
+    q_pos: torch.Tensor | None = None,
+    k_start: int = 0,
+    window: int,
+    kg: torch.Tensor | None = None,
+    vg: torch.Tensor | None = None,
+    g_pos: torch.Tensor | None = None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the positioned block (semantics: ``naive_window_attention``); inputs already validated.
+
+    Queries sit at ``q_start + i`` (or at the sorted ``q_pos``), keys at ``k_start + j``.
+
+    Returns:
+        ``(o [B, Tq, H, Dv] in q.dtype, lse [B, Tq, H] float32)``.
+    """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, Tq, H, D = q.shape
+    Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    has_g = kg is not None and kg.shape[1] > 0
+    kg_ = kg.contiguous() if has_g else k
+    vg_ = vg.contiguous() if has_g else v
+    o = torch.empty(B, Tq, H, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Tq, H, dtype=torch.float32, device=q.device)
+    cfg = _blocks(D, Dv)
+    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    window_sparse_attn_fwd_kernel[grid](
+        q, k, v, kg_, vg_, _pos(g_pos if has_g else None, q.device), _pos(q_pos, q.device), o, lse,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(o),
+        Tq, Tk, kg_.shape[1] if has_g else 0, H, H // Hkv, q_start, k_start, min(window, INF_WINDOW),
+        scale * 1.4426950408889634, D, Dv,
+        GATHERED=q_pos is not None, HAS_GLOBAL=has_g, PREC=_prec(q.dtype), DT=_dot_dtype(q.dtype), **cfg,
+    )
+    return o, lse
+
+
+def window_attn_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    *,
+    q_start: int = 0,
+    q_pos: torch.Tensor | None = None,
+    k_start: int = 0,
+    window: int,
+    kg: torch.Tensor | None = None,
+    vg: torch.Tensor | None = None,
+    g_pos: torch.Tensor | None = None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Backward of :func:`window_attn_fwd` for the upstream gradients ``do`` (of o) and ``dlse`` (of lse, or None).
+
+    Returns:
+        ``(dq, dk, dv, dkg, dvg)`` in the inputs' dtypes (``dkg``/``dvg`` None without global keys).
+    """
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    B, Tq, H, D = q.shape
+    Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    has_g = kg is not None and kg.shape[1] > 0
+    kg_ = kg.contiguous() if has_g else k
+    vg_ = vg.contiguous() if has_g else v
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    window = min(window, INF_WINDOW)
+    qk_scale = scale * 1.4426950408889634
+    qpos, gpos = _pos(q_pos, q.device), _pos(g_pos if has_g else None, q.device)
+    cfg = _blocks(D, Dv)
+    prec = _prec(q.dtype)
+    gathered = q_pos is not None
+
+    dq = torch.empty_like(q)
+    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    window_sparse_attn_bwd_dq_kernel[grid](
+        q, k, v, kg_, vg_, gpos, qpos, do, lse, delta, dq,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(do),
+        Tq, Tk, kg_.shape[1] if has_g else 0, H, H // Hkv, q_start, k_start, window, qk_scale, scale, D, Dv,
+        GATHERED=gathered, HAS_GLOBAL=has_g, PREC=prec, DT=_dot_dtype(q.dtype), **cfg,
+    )
+
+    def dkdv(kk, vv, kpos, far):
+        dk, dv = torch.empty_like(kk), torch.empty_like(vv)
+        grid = (triton.cdiv(kk.shape[1], cfg["BLOCK_N"]), B * Hkv)
+        window_sparse_attn_bwd_dkdv_kernel[grid](
+            q, kk, vv, qpos, kpos, do, lse, delta, dk, dv,
+            *_s3(q), *_s3(kk), *_s3(vv), *_s3(do),
+            Tq, kk.shape[1], H, Hkv, H // Hkv, q_start, k_start, window, qk_scale, scale, D, Dv,
+            GATHERED=gathered, FAR=far, PREC=prec, DT=_dot_dtype(q.dtype), **cfg,
+        )
+        return dk, dv
+
+    dk, dv = dkdv(k, v, gpos, False)
+    dkg = dvg = None
+    if has_g:
+        dkg, dvg = dkdv(kg_, vg_, gpos, True)
+    elif kg is not None:
+        dkg, dvg = torch.zeros_like(kg), torch.zeros_like(vg)
+    return dq, dk, dv, dkg, dvg

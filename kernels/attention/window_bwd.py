@@ -1,0 +1,101 @@
+# Triton dK/dV kernel of the positioned window-attention block (the key-centric half of FlashAttention-2's backward,
+# Dao 2023, arXiv 2307.08691), recomputing the probabilities from the stored log-sum-exp.
+#
+# A program owns BLOCK_N keys of one key/value head and loops over the REP query heads that share it (GQA: the sum
+# over the group happens in registers, no [B, T, H, D] intermediate and no atomics), and over the queries that can
+# read these keys:
+# - window keys (FAR = False) at positions s = k_start + j: queries t with 0 ≤ t − s < W, i.e. the contiguous
+#   query rows [s_lo, s_hi + W) — O(W + BLOCK_N) rows per key block, so O(T·W) in total;
+# - global keys (FAR = True) at gathered positions: the queries that read them outside the window, t − s ≥ W, i.e.
+#   every query row from s_lo + W on — O(T) per global key, the price of a token everybody reads.
+# With gathered queries (the global rows, W = ∞) every query row is visited and the mask keeps t ≥ s.
+#   p_ts = exp2(s·scale·log2 e − lse_t·log2 e),  dV += pᵀ dO,  dsᵀ = pᵀ ⊙ (V dOᵀ − δ),  dK += scale · dsᵀ Q
+# with δ_t = Σ dO_t ⊙ O_t − ∂L/∂lse_t as in the dQ pass (kernels/attention/window_fwd.py).
+"""dK/dV Triton kernel of window + global-key attention (contiguous keys or gathered global keys)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .window_fwd import _load_rows, _query_rows
+
+__all__ = ["window_sparse_attn_bwd_dkdv_kernel"]
+
+
+@triton.jit
+def _key_rows(KPOS, k_start, n0, Tk, BLOCK_N: tl.constexpr, FAR: tl.constexpr):
+    j = n0 + tl.arange(0, BLOCK_N)
+    ok = j < Tk
+    last = tl.minimum(n0 + BLOCK_N, Tk) - 1
+    if FAR:
+        s = tl.load(KPOS + j, mask=ok, other=0)
+        s_lo = tl.load(KPOS + n0)
+        s_hi = tl.load(KPOS + last)
+    else:
+        s = k_start + j
+        s_lo = k_start + n0
+        s_hi = k_start + last
+    return j, ok, s, s_lo, s_hi
+
+
+@triton.jit
+def window_sparse_attn_bwd_dkdv_kernel(
+    Q, K, V, QPOS, KPOS, DO, LSE, DELTA, DK, DV,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+    Tq, Tk, H, HKV, REP, q_start, k_start, window, qk_scale, scale, D, DVD,
+    GATHERED: tl.constexpr, FAR: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    b64 = b.to(tl.int64)
+    j, k_ok, s, s_lo, s_hi = _key_rows(KPOS, k_start, pid_n * BLOCK_N, Tk, BLOCK_N, FAR)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(K + b64 * skb + hk * skh, j, k_ok, skt, offs_d, D, DT)
+    v = _load_rows(V + b64 * svb + hk * svh, j, k_ok, svt, offs_dv, DVD, DT)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    if GATHERED:
+        i_lo = 0
+        i_hi = Tq
+    elif FAR:
+        i_lo = tl.maximum(s_lo + window - q_start, 0)
+        i_hi = Tq
+    else:
+        i_lo = tl.maximum(s_lo - q_start, 0)
+        i_hi = tl.minimum(s_hi + window - q_start, Tq)
+    for r in range(0, REP):
+        h = hk * REP + r
+        q_base = Q + b64 * sqb + h * sqh
+        do_base = DO + b64 * sdob + h * sdoh
+        for i0 in range(i_lo, i_hi, BLOCK_M):
+            i, row_ok, t, _, _ = _query_rows(QPOS, q_start, i0, Tq, BLOCK_M, GATHERED)
+            row_ok = row_ok & (i < i_hi)
+            q = _load_rows(q_base, i, row_ok, sqt, offs_d, D, DT)
+            do = _load_rows(do_base, i, row_ok, sdot, offs_dv, DVD, DT)
+            row_off = (b64 * Tq + i) * H + h
+            lse = tl.load(LSE + row_off, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)
+            delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+            diff = t[None, :] - s[:, None]  # [BLOCK_N, BLOCK_M]
+            if FAR:
+                allowed = diff >= window
+            else:
+                allowed = (diff >= 0) & (diff < window)
+            allowed = allowed & k_ok[:, None] & row_ok[None, :]
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+
+    dk_ptr = DK + b64 * skb + hk * skh + j.to(tl.int64)[:, None] * skt + offs_d[None, :]
+    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & (offs_d < D)[None, :])
+    dv_ptr = DV + b64 * svb + hk * svh + j.to(tl.int64)[:, None] * svt + offs_dv[None, :]
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & (offs_dv < DVD)[None, :])

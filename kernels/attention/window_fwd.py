@@ -1,0 +1,177 @@
+# Triton kernels of the positioned window-attention block (forward and the dQ pass of the backward).
+#
+# FlashAttention-2 (Dao 2023, arXiv 2307.08691) online softmax, restricted to the keys a query block can read: a
+# block of queries at positions t ∈ [t_lo, t_hi] visits only the contiguous keys s ∈ [t_lo − W + 1, t_hi] (window W,
+# ⌈(W + BLOCK_M) / BLOCK_N⌉ key blocks, so the cost is O(T·W) instead of O(T²)), then the separately passed global
+# keys, which count only where they lie outside the window (t − j ≥ W) so that no pair is read twice. The same kernel
+# serves the global *rows* (full causal rows of the global queries): queries gathered by position, W = ∞, no global
+# keys. kernels/attention/naive.py (naive_window_attention) is the reference of exactly this block.
+#
+# Scores are kept in base 2 (qk_scale = scale·log2 e, exp2 is one MUFU op); the log-sum-exp is stored in natural
+# units for the backward and for merging partial results across ranks. m starts at −1e30, not −inf, so a key block
+# that is fully masked for some rows leaves them untouched (exp2(−inf − m) = 0, α = 1) instead of producing NaN; a row
+# that read no key at all ends with l = 0 and gets o = 0, lse = −inf.
+#
+# dQ pass (FlashAttention-2 backward, query-centric half): p = exp2(s − lse·log2 e) recomputed from the stored lse,
+# ds = p ⊙ (dO Vᵀ − δ) with δ_t = Σ dO_t ⊙ O_t − ∂L/∂lse_t (the lse term is how a merged partial result passes its
+# gradient back: ∂lse/∂s = p), dq = scale · ds K.
+"""Forward and dQ Triton kernels of window + global-key attention over positioned queries."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["window_sparse_attn_bwd_dq_kernel", "window_sparse_attn_fwd_kernel"]
+
+
+@triton.jit
+def _query_rows(QPOS, q_start, m0, Tq, BLOCK_M: tl.constexpr, GATHERED: tl.constexpr):
+    """Row indices of this block, their validity, positions, and the first/last valid position (rows sorted)."""
+    i = m0 + tl.arange(0, BLOCK_M)
+    ok = i < Tq
+    last = tl.minimum(m0 + BLOCK_M, Tq) - 1
+    if GATHERED:
+        t = tl.load(QPOS + i, mask=ok, other=-1)
+        t_lo = tl.load(QPOS + m0)
+        t_hi = tl.load(QPOS + last)
+    else:
+        t = q_start + i
+        t_lo = q_start + m0
+        t_hi = q_start + last
+    return i, ok, t, t_lo, t_hi
+
+
+@triton.jit
+def _load_rows(ptr, rows, ok, stride_t, offs, n, DT: tl.constexpr):
+    x = tl.load(ptr + rows.to(tl.int64)[:, None] * stride_t + offs[None, :], mask=ok[:, None] & (offs < n)[None, :],
+                other=0.0)
+    return x.to(DT)
+
+
+@triton.jit
+def _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def window_sparse_attn_fwd_kernel(
+    Q, K, V, KG, VG, GPOS, QPOS, O, LSE,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sob, sot, soh,
+    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, D, DV,
+    GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // REP
+    i, row_ok, t, t_lo, t_hi = _query_rows(QPOS, q_start, pid_m * BLOCK_M, Tq, BLOCK_M, GATHERED)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    q = _load_rows(Q + b64 * sqb + h * sqh, i, row_ok, sqt, offs_d, D, DT)
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
+    j_lo = tl.maximum(t_lo - window + 1 - k_start, 0)
+    j_hi = tl.minimum(t_hi + 1 - k_start, Tk)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        k_ok = j < j_hi
+        k = _load_rows(k_base, j, k_ok, skt, offs_d, D, DT)
+        v = _load_rows(v_base, j, k_ok, svt, offs_dv, DV, DT)
+        diff = t[:, None] - (k_start + j)[None, :]
+        allowed = (diff >= 0) & (diff < window) & k_ok[None, :] & row_ok[:, None]
+        m_i, l_i, acc = _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC)
+    if HAS_GLOBAL:
+        kg_base = KG + b64 * sgkb + hk * sgkh
+        vg_base = VG + b64 * sgvb + hk * sgvh
+        for g0 in range(0, NG, BLOCK_N):
+            gi = g0 + tl.arange(0, BLOCK_N)
+            g_ok = gi < NG
+            gp = tl.load(GPOS + gi, mask=g_ok, other=0)
+            k = _load_rows(kg_base, gi, g_ok, sgkt, offs_d, D, DT)
+            v = _load_rows(vg_base, gi, g_ok, sgvt, offs_dv, DV, DT)
+            allowed = ((t[:, None] - gp[None, :]) >= window) & g_ok[None, :] & row_ok[:, None]
+            m_i, l_i, acc = _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC)
+
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural units
+    o_ptr = O + b64 * sob + h * soh + i.to(tl.int64)[:, None] * sot + offs_dv[None, :]
+    tl.store(o_ptr, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    tl.store(LSE + (b64 * Tq + i) * H + h, lse, mask=row_ok)  # lse is a contiguous [B, Tq, H] fp32 tensor
+
+
+@triton.jit
+def _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def window_sparse_attn_bwd_dq_kernel(
+    Q, K, V, KG, VG, GPOS, QPOS, DO, LSE, DELTA, DQ,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sdob, sdot, sdoh,
+    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, scale, D, DV,
+    GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // REP
+    i, row_ok, t, t_lo, t_hi = _query_rows(QPOS, q_start, pid_m * BLOCK_M, Tq, BLOCK_M, GATHERED)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    q = _load_rows(Q + b64 * sqb + h * sqh, i, row_ok, sqt, offs_d, D, DT)
+    do = _load_rows(DO + b64 * sdob + h * sdoh, i, row_ok, sdot, offs_dv, DV, DT)
+    row_off = (b64 * Tq + i) * H + h
+    lse = tl.load(LSE + row_off, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)  # empty rows: nothing is allowed anyway
+    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
+    j_lo = tl.maximum(t_lo - window + 1 - k_start, 0)
+    j_hi = tl.minimum(t_hi + 1 - k_start, Tk)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        k_ok = j < j_hi
+        k = _load_rows(k_base, j, k_ok, skt, offs_d, D, DT)
+        v = _load_rows(v_base, j, k_ok, svt, offs_dv, DV, DT)
+        diff = t[:, None] - (k_start + j)[None, :]
+        allowed = (diff >= 0) & (diff < window) & k_ok[None, :] & row_ok[:, None]
+        dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC)
+    if HAS_GLOBAL:
+        kg_base = KG + b64 * sgkb + hk * sgkh
+        vg_base = VG + b64 * sgvb + hk * sgvh
+        for g0 in range(0, NG, BLOCK_N):
+            gi = g0 + tl.arange(0, BLOCK_N)
+            g_ok = gi < NG
+            gp = tl.load(GPOS + gi, mask=g_ok, other=0)
+            k = _load_rows(kg_base, gi, g_ok, sgkt, offs_d, D, DT)
+            v = _load_rows(vg_base, gi, g_ok, sgvt, offs_dv, DV, DT)
+            allowed = ((t[:, None] - gp[None, :]) >= window) & g_ok[None, :] & row_ok[:, None]
+            dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC)
+    dq_ptr = DQ + b64 * sqb + h * sqh + i.to(tl.int64)[:, None] * sqt + offs_d[None, :]
+    tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])

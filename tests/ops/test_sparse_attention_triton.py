@@ -1,0 +1,42 @@
+"""The Triton sparse-attention kernels (forward, dQ and dK/dV passes; the interpreter on CPU, so tiny shapes) against
+the float64 references: the whole op (window + global keys + global rows, MHA and GQA, D not a power of two, W > T,
+W = 1) and the positioned block with an upstream gradient on the log-sum-exp (what the sequence-parallel merge uses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sparse_attention import TOL, check_op_against_reference, check_window_attention_block  # sibling module
+
+from pflow_dist.ops.sparse_attention import INF_WINDOW
+
+pytestmark = pytest.mark.triton
+
+# (B, T, H, Hkv, D, Dv, window, globals)
+CASES = {
+    "T37-D12-W7-G[0,9,30]": (1, 37, 2, 2, 12, 12, 7, [0, 9, 30]),
+    "gqa2:1-T63-W20-G[5,31,62]": (1, 63, 2, 1, 8, 8, 20, [5, 31, 62]),
+    "gqa2:1-T40-W16-Dv5-first2": (1, 40, 2, 1, 8, 5, 16, 2),
+    "B2-T21-W5-none": (2, 21, 1, 1, 16, 16, 5, None),
+    "W1-T18-G[17,4]": (1, 18, 2, 1, 6, 6, 1, [17, 4]),
+    "W>T-T12-W40-G[3]": (1, 12, 2, 2, 4, 4, 40, [3]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_triton_op(case, dtype, device):
+    check_op_against_reference(case, dtype, "triton", TOL[dtype], device=device)
+
+
+BLOCK_CASES = {
+    # (B, Tq, H, Hkv, D, Dv, q_start, Tk, k_start, window, g_pos, gathered)
+    "halo-shard-offsets": (1, 19, 2, 1, 6, 5, 30, 27, 22, 9, [0, 3, 25, 40], False),
+    "keys-after-some-queries": (1, 10, 2, 2, 4, 4, 3, 10, 8, 4, [1], False),
+    "gathered-rows-inf-window": (1, 4, 2, 1, 5, 3, None, 20, 6, INF_WINDOW, [], True),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOCK_CASES.values()), ids=list(BLOCK_CASES))
+def test_triton_window_attention_block(case, device):
+    check_window_attention_block(case, "triton", torch.float32, 1e-5, device=device)
