@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from pflow_dist.kernels.projection.naive import (
     naive_bilevel_project,
     naive_exact_l1inf_project,
@@ -16,7 +17,6 @@ from pflow_dist.kernels.projection.naive import (
     naive_multilevel_project,
     naive_project_l1,
 )
-
 from pflow_dist.ops.projection import (
     bilevel_project,
     bilevel_project_,
