@@ -172,6 +172,27 @@ def launch_deepspeed(
     raise typer.Exit(subprocess.call(cmd))
 
 
+@app.command("k8s-check")
+def k8s_check(
+    overlay: Annotated[Path, typer.Argument(help="A kustomization folder, e.g. k8s/overlays/deepspeed.")],
+    gpus: Annotated[int | None, typer.Option(help="GPUs the training config expects (nodes × GPUs per node).")] = None,
+) -> None:
+    """Render a kustomization offline and validate every manifest (schemas + project rules) before kubectl apply -k."""
+    from .deploy import project_checks, render, validate_manifests
+
+    try:
+        docs = render(overlay)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="OVERLAY") from e
+    problems = validate_manifests(docs) + project_checks(docs, gpus)
+    for d in docs:
+        console.print(f"{d['kind']:<24} {d['metadata']['name']}", highlight=False)
+    for p in problems:
+        console.print(f"[red]problem[/red] {p}", highlight=False)
+    console.print(f"{len(docs)} manifests, {len(problems)} problem(s)")
+    raise typer.Exit(1 if problems else 0)
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()
 

@@ -106,3 +106,15 @@ def test_renderer_rejects_unsupported_features(tmp_path):
         render(tmp_path)
     with pytest.raises(ValueError, match="no kustomization.yaml"):
         render(tmp_path / "missing")
+
+
+def test_cli_k8s_check():
+    from typer.testing import CliRunner
+
+    from pflow_dist.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["k8s-check", str(K8S / "overlays" / "deepspeed"), "--gpus", str(expected_gpus())])
+    assert ok.exit_code == 0 and "6 manifests, 0 problem(s)" in ok.output
+    bad = runner.invoke(app, ["k8s-check", str(K8S / "overlays" / "rayjob"), "--gpus", "8"])
+    assert bad.exit_code == 1 and "request 16 GPUs, the training config expects 8" in bad.output
