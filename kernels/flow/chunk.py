@@ -19,6 +19,19 @@ __all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "plan_chunks", "toke
 
 ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles live in registers
 
+# num_warps per kernel; FLOW_NUM_WARPS="wy=4,state=4,out=4,dvl=4,sbwd=4,grads=8" overrides (tuning runs)
+_WARPS = {"wy": 4, "state": 4, "out": 4, "dvl": 4, "sbwd": 4, "grads": 4}
+
+
+def _warps(name: str) -> int:
+    env = os.environ.get("FLOW_NUM_WARPS")
+    if env:
+        for item in env.split(","):
+            key, _, val = item.partition("=")
+            if key.strip() == name:
+                return int(val)
+    return _WARPS[name]
+
 
 @dataclass(frozen=True)
 class ChunkPlan:
@@ -85,6 +98,7 @@ def _wy_state(k, v, beta, G, h0, p: ChunkPlan, store_ht: bool, inter_dtype):
     chunk_flow_wy_fwd_kernel[(p.NT, p.B * p.H)](
         k, v, beta, Gp, W, U, Ainv, p.T, p.H, p.R, p.K, p.V, p.NT,
         BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, PRODUCT=p.product, GATED=gated, DT=dot_dtype(k),
+        num_warps=_warps("wy"),
     )
     h = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter_dtype)
     Vn = torch.empty(rows, p.V, device=dev, dtype=inter_dtype)
@@ -94,6 +108,7 @@ def _wy_state(k, v, beta, G, h0, p: ChunkPlan, store_ht: bool, inter_dtype):
         p.T, p.H, p.R, p.K, p.V, p.NT,
         BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated, USE_H0=h0 is not None,
         STORE_HT=store_ht, DT=dot_dtype(k),
+        num_warps=_warps("state"),
     )
     return W, U, Ainv, h, Vn, hT
 
@@ -125,6 +140,7 @@ def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool,
     chunk_flow_output_fwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
         q, k, Vn, h, G if G is not None else Vn, o, scale, p.T, p.H, p.R, p.K, p.V, p.NT,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=G is not None, DT=dot_dtype(q),
+        num_warps=_warps("out"),
     )
     return o, hT
 
@@ -146,6 +162,7 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
         q, k, do, Gp, dVn, scale, p.T, p.H, p.R, p.K, p.V, p.NT,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=gated, DT=dot_dtype(q),
+        num_warps=_warps("dvl"),
     )
     dh = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter)
     dh0 = torch.empty(p.B, p.H, p.K, p.V, device=dev, dtype=torch.float32) if need_dh0 else None
@@ -154,6 +171,7 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
         p.T, p.H, p.R, p.K, p.V, p.NT,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated, USE_DHT=dht is not None,
         STORE_DH0=need_dh0, DT=dot_dtype(q),
+        num_warps=_warps("sbwd"),
     )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -166,6 +184,7 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
         dq, dk, dv, dbeta, dG_row if gated else W, dG_q if gated else W, scale,
         p.T, p.H, p.R, p.K, p.V, p.NT,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, PRODUCT=p.product, GATED=gated, DT=dot_dtype(q),
+        num_warps=_warps("grads"),
     )
     dg = _token_dg(dG_row, dG_q, p) if gated else None
     return dq, dk, dv, dbeta, dg, dh0

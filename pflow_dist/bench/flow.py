@@ -1,16 +1,26 @@
-"""``pflow-dist bench flow``: one flow layer (rank-1 delta rule, gated or not), ours vs fla and a plain-torch form.
+"""``pflow-dist bench flow``: one flow layer (rank-1 delta rule, gated or not; rank-R), ours vs fla and plain torch.
 
-Implementations, all on the same inputs (L2-normalised keys, β ∈ (0, 1), log-decay g = logsigmoid(·) when gated):
-- ``ours``: ``pflow_dist.ops.flow.chunk_flow`` (the Triton op; unavailable until it lands, issue 4);
-- ``fla``: ``fla.ops.delta_rule.chunk_delta_rule`` / ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``
-  (fla-core, when installed and on CUDA);
-- ``torch-chunked``: the chunked WY reference of ``kernels/flow/naive.py`` accumulating in float32.
+Implementations, all on the same inputs (L2-normalised keys, β ∈ (0, 1) (β ∈ (0, 1/R) for rank R), log-decay
+g = logsigmoid(·) when gated):
+- ``ours``: ``pflow_dist.ops.flow.chunk_flow`` (the Triton op; rank-R cases use the product form, DeltaProduct);
+- ``ours-sum``: the same op in the rank-R sum form (ParallelFlow), beside the product rows (rank-R cases only; for
+  R = 1 the two forms are one op and the row says so);
+- ``fla``: ``fla.ops.delta_rule.chunk_delta_rule`` / ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` /
+  ``fla.ops.gated_delta_product.chunk_gated_delta_product`` (non-gated, interleaved [B, T·R, H, ·] layout) when
+  fla-core is installed and on CUDA;
+- ``torch-chunked``: the chunked WY reference of ``kernels/flow/naive.py`` accumulating in float32 (CPU only: on a
+  GPU its Python loop over chunks only wastes device time).
 ``extra.rel_err`` is each output's relative RMS error against the float64 reference on the same inputs.
+
+``python -m pflow_dist.bench.flow longest`` searches the longest T that fits for fwd+bwd at B=1, H=16, D=128 (bf16).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -20,35 +30,54 @@ from .registry import Bench, Case, Impl
 
 _QUICK = [(1, 64, 2, 16), (2, 100, 2, 32)]
 _FULL = [(4, 8192, 16, 128), (1, 65536, 16, 128), (8, 4096, 32, 64)]
+_VARIANTS = [(1, 0), (1, 1), (2, 0), (4, 0)]  # (R, gated)
 
 
 def _cases(quick: bool) -> list[Case]:
     out = []
-    for gated in (0, 1):
+    for R, gated in _VARIANTS:
         for b, t, h, d in _QUICK if quick else _FULL:
-            name = f"B{b}-T{t}-H{h}-D{d}" + ("-gated" if gated else "")
-            out.append(Case(name, {"B": b, "T": t, "H": h, "D": d, "gated": gated}))
+            name = f"B{b}-T{t}-H{h}-D{d}" + ("-gated" if gated else "") + (f"-R{R}" if R > 1 else "")
+            out.append(Case(name, {"B": b, "T": t, "H": h, "D": d, "gated": gated, "R": R}))
     return out
 
 
 def _inputs(case: Case, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     p = case.params
-    B, T, H, D = p["B"], p["T"], p["H"], p["D"]
+    B, T, H, D, R = p["B"], p["T"], p["H"], p["D"], p.get("R", 1)
     gen = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    rk = (R,) if R > 1 else ()
     inp = {
-        "q": r(B, T, H, D), "k": F.normalize(r(B, T, H, D), dim=-1), "v": r(B, T, H, D),
-        "beta": torch.rand(B, T, H, generator=gen),
+        "q": r(B, T, H, D), "k": F.normalize(r(B, T, H, *rk, D), dim=-1), "v": r(B, T, H, *rk, D),
+        "beta": torch.rand(B, T, H, *rk, generator=gen) / R,
     }
     if p["gated"]:
         inp["g"] = F.logsigmoid(r(B, T, H) + 4.0)  # mostly slow decay, as in trained layers
-    return {k: v.to(device=device, dtype=dtype) for k, v in inp.items()}
+    out = {k: v.to(device=device, dtype=dtype) for k, v in inp.items()}
+    if R > 1:  # fla's DeltaProduct layout: rows t·R + j, contiguous (made here, outside the timed region)
+        out["k_il"] = out["k"].transpose(2, 3).reshape(B, T * R, H, D).contiguous()
+        out["v_il"] = out["v"].transpose(2, 3).reshape(B, T * R, H, D).contiguous()
+        out["beta_il"] = out["beta"].transpose(2, 3).reshape(B, T * R, H).contiguous()
+    return out
+
+
+def _rank(inp) -> int:
+    return inp["k"].shape[3] if inp["k"].dim() == 5 else 1
 
 
 def _ours(inp):
-    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415 - lands with issue 4
+    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
 
-    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"))
+    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product")
+
+
+def _ours_sum(inp):
+    if _rank(inp) == 1:
+        raise ValueError("R=1: the sum form is the same op as 'ours'")
+    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
+
+    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="sum")
 
 
 def _ours_unavailable(device: torch.device) -> str | None:
@@ -56,6 +85,11 @@ def _ours_unavailable(device: torch.device) -> str | None:
 
 
 def _fla(inp):
+    R = _rank(inp)
+    if R > 1:
+        from fla.ops.gated_delta_product import chunk_gated_delta_product
+
+        return chunk_gated_delta_product(inp["q"], inp["k_il"], inp["v_il"], inp.get("g"), inp["beta_il"], R)
     if "g" in inp:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
@@ -72,12 +106,17 @@ def _fla_unavailable(device: torch.device) -> str | None:
 
 
 def _torch_chunked(inp):
-    return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), chunk_size=64,
-                            acc_dtype=torch.float32)
+    return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product",
+                            chunk_size=64, acc_dtype=torch.float32)
+
+
+def _torch_unavailable(device: torch.device) -> str | None:
+    return "skipped on CUDA: a Python loop over chunks (the CPU path)" if device.type == "cuda" else None
 
 
 def _reference(inp) -> torch.Tensor:
-    return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), chunk_size=64)[0]
+    return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product",
+                            chunk_size=64)[0]
 
 
 BENCH = Bench(
@@ -87,10 +126,106 @@ BENCH = Bench(
     make_inputs=_inputs,
     impls=[
         Impl("ours", _ours, _ours_unavailable, "pflow-dist"),
+        Impl("ours-sum", _ours_sum, _ours_unavailable, "pflow-dist"),
         Impl("fla", _fla, _fla_unavailable, "fla-core"),
-        Impl("torch-chunked", _torch_chunked),
+        Impl("torch-chunked", _torch_chunked, _torch_unavailable),
     ],
-    grad_inputs=("q", "k", "v", "beta", "g"),
+    grad_inputs=("q", "k", "v", "beta", "g", "k_il", "v_il", "beta_il"),
     default_dtype=torch.bfloat16,
     reference=_reference,
+    shapes=lambda inputs: {k: list(v.shape) for k, v in inputs.items() if not k.endswith("_il")},
 )
+
+
+_LONGEST_T = [2**19, 2**20, 5 * 2**18, 3 * 2**19, 2**21, 3 * 2**20, 2**22]
+
+
+def _fwd_bwd_inputs(B, T, H, D, dtype, R=1, gated=False, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dev = torch.device("cuda")
+    rk = (R,) if R > 1 else ()
+    r = lambda *s: torch.randn(*s, device=dev, generator=gen)  # noqa: E731
+    x = {"q": r(B, T, H, D).to(dtype), "k": F.normalize(r(B, T, H, *rk, D), dim=-1).to(dtype),
+         "v": r(B, T, H, *rk, D).to(dtype), "beta": (torch.rand(B, T, H, *rk, device=dev, generator=gen) / R).to(dtype)}
+    if gated:
+        x["g"] = F.logsigmoid(r(B, T, H) + 4.0)
+    return x
+
+
+def longest(H: int = 16, D: int = 128, dtype=torch.bfloat16) -> list[dict]:
+    """Grow T at B=1 until fwd+bwd of ``chunk_flow`` runs out of memory; one row per T tried (CUDA)."""
+    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
+
+    rows = []
+    for T in _LONGEST_T:
+        row = {"what": "longest", "T": T, "B": 1, "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""),
+               "device": torch.cuda.get_device_name()}
+        x = None
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            x = {n: t.requires_grad_(True) for n, t in _fwd_bwd_inputs(1, T, H, D, dtype).items()}
+            for _ in range(2):  # the second call is timed
+                for t in x.values():
+                    t.grad = None
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                o, _ = chunk_flow(**x)
+                o.backward(torch.ones_like(o))
+                torch.cuda.synchronize()
+                row["ms"] = (time.perf_counter() - t0) * 1e3
+                del o
+            row.update(status="ok", peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+        except torch.cuda.OutOfMemoryError as e:
+            row.update(status="oom", error=str(e).splitlines()[0][:200])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del x
+        if row["status"] != "ok":
+            break
+    return rows
+
+
+def check(B=4, T=8192, H=16, D=128, dtype=torch.bfloat16) -> list[dict]:
+    """Relative RMS error of o, the final state and every gradient vs float64, ours (and fla where it runs)."""
+    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
+    from pflow_dist.testing import error_stats  # noqa: PLC0415
+
+    rows = []
+    for R, gated, form in [(1, False, "sum"), (1, True, "sum"), (2, False, "product"), (4, False, "sum")]:
+        x = _fwd_bwd_inputs(B, T, H, D, dtype, R, gated, seed=R + 10 * gated)
+        x["initial_state"] = torch.randn(B, H, D, D, device="cuda")
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        do = torch.randn(B, T, H, D, device="cuda", generator=gen).to(dtype)
+        dS = torch.randn(B, H, D, D, device="cuda", generator=gen)
+        ref = {n: t.double().requires_grad_(True) for n, t in x.items()}
+        ro, rS = naive_chunk_flow(**ref, rank_form=form, output_final_state=True, chunk_size=64)
+        rg = torch.autograd.grad((ro * do.double()).sum() + (rS * dS.double()).sum(), list(ref.values()))
+        del ref
+        leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+        o, S = chunk_flow(**leaves, rank_form=form, output_final_state=True)
+        grads = torch.autograd.grad((o * do).float().sum() + (S * dS).sum(), list(leaves.values()))
+        errs = {"o": error_stats(ro, o).rms_ratio, "final_state": error_stats(rS, S).rms_ratio}
+        errs.update({f"d{n}": error_stats(a, b).rms_ratio for n, a, b in zip(x, rg, grads, strict=True)})
+        row = {"what": "check", "case": f"B{B}-T{T}-H{H}-D{D}" + ("-gated" if gated else "") + f"-R{R}-{form}",
+               "impl": "ours", "dtype": str(dtype).replace("torch.", ""), "device": torch.cuda.get_device_name(),
+               "rel_err": errs}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(description="Extra flow measurements on CUDA: full-size check, longest T.")
+    ap.add_argument("what", choices=["longest", "check"])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    rows = longest() if a.what == "longest" else check()
+    if a.out:
+        with open(a.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    _main()
