@@ -1,0 +1,314 @@
+# Triton kernels of the diagonal affine scan h_t = a_t ⊙ h_{t-1} + b_t (DESIGN.md §4), forward and adjoint.
+#
+# Element (a, b) is the map h ↦ a ⊙ h + b; "first (a1, b1), then (a2, b2)" = (a2 a1, a2 b1 + b2), the combine of
+# kernels/common/affine.py (Blelloch 1993) written here as a Triton function because tl.associative_scan needs one.
+#
+# Layout [B, T, N] with N contiguous: a program owns a tile of BLOCK_T steps × BLOCK_N channels (rows of ≥ 64 bytes
+# keep the loads coalesced), scans it from zero with tl.associative_scan and needs the state entering the tile.
+# Two ways to get it:
+# - "lookback" (one pass, the default on GPU): the single-pass scan with decoupled look-back (Merrill & Garland 2016,
+#   "Single-pass Parallel Prefix Scan with Decoupled Look-back"; CUB's DeviceScan). Tiles take their index from an
+#   atomic counter (so a tile only ever waits on tiles that already run: no deadlock whatever the block scheduler
+#   does), publish their aggregate map, then walk back over the predecessors' published maps WINDOW at a time until
+#   one has published its inclusive state, compose, and publish their own inclusive state. Every input is read once
+#   and h written once: the minimum traffic, 3 tensors, which is what a memory-bound scan can reach (≈ copy speed).
+#   The published words carry their own validity (a NaN bit pattern SENTINEL marks "not yet"), so no memory fence
+#   between words is needed: a reader only uses words it has seen valid, loaded volatile (from L2, never stale L1).
+# - "chunk" (three passes): tile aggregates → a scan over the aggregates (recursively, the same op) → a second pass
+#   over the tiles from their carries. 5 tensor passes instead of 3, no inter-program communication.
+#
+# Adjoint (kernels/scan/naive.py derives it): λ_t = ḡ_t + a_{t+1} ⊙ λ_{t+1}, the same scan run from t = T-1 down with
+# the gates shifted by one (a_{T} := 1 and the initial state is ∂L/∂h_T). REVERSE reads the tile in descending time
+# with a_{t+1}; the backward kernel also forms da_t = λ_t ⊙ h_{t-1} while λ is in registers (one pass: a, ḡ, h in,
+# λ and da out).
+"""Diagonal affine scan kernels (single-pass look-back and three-pass chunked), forward and reverse (adjoint)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["SENTINEL", "diag_scan_triton", "diag_tile_config"]
+
+# A signalling-NaN bit pattern arithmetic never produces (GPUs return the canonical NaN 0x7FFFFFFF): "not published".
+SENTINEL = 0x7FA0DEAD
+_SENT = tl.constexpr(SENTINEL)  # jit functions may only read constexpr globals
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # "first (a1, b1), then (a2, b2)": kernels/common/affine.py compose, diagonal case.
+    return a2 * a1, a2 * b1 + b2
+
+
+@triton.jit
+def _combine_recent_first(a1, b1, a2, b2):
+    # the same composition for maps listed newest first (look-back windows): "first (a2, b2), then (a1, b1)".
+    return a1 * a2, a1 * b2 + b1
+
+
+@triton.jit
+def _last_row(x, rows, n_rows: tl.constexpr):
+    return tl.sum(tl.where(rows[:, None] == n_rows - 1, x, 0.0), axis=0)
+
+
+@triton.jit
+def _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Load one tile in scan order as fp32 (a, b), with the identity (1, 0) past the end; also return its times."""
+    s = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = s < T
+    if REVERSE:
+        t = T - 1 - s
+        ta = t + 1  # the adjoint uses the next step's gate; a_T := 1
+    else:
+        t = s
+        ta = s
+    m = valid[:, None] & mask_n[None, :]
+    rows = base + t.to(tl.int64) * N
+    b = tl.load(b_ptr + rows[:, None] + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
+    rows_a = base + ta.to(tl.int64) * N
+    a = tl.load(a_ptr + rows_a[:, None] + offs_n[None, :], mask=m & (ta < T)[:, None], other=1.0).to(tl.float32)
+    return a, b, t, m
+
+
+@triton.jit
+def _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
+                HAS_DA: tl.constexpr):
+    """h = A_loc ⊙ carry + B_loc at its times; in the adjoint also da_t = λ_t ⊙ h_{t-1} (h_0 = initial state)."""
+    out = A_loc * carry[None, :] + B_loc
+    rows = base + t.to(tl.int64) * N
+    tl.store(h_ptr + rows[:, None] + offs_n[None, :], out.to(h_ptr.dtype.element_ty), mask=m)
+    if HAS_DA:
+        prev_rows = base + (t - 1).to(tl.int64) * N
+        hp = tl.load(hprev_ptr + prev_rows[:, None] + offs_n[None, :], mask=m & (t >= 1)[:, None], other=0.0)
+        hp = hp.to(tl.float32)
+        if HAS_H0_DA:
+            h0 = tl.load(h0_ptr + bi.to(tl.int64) * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            hp = tl.where((t == 0)[:, None], h0[None, :], hp)
+        tl.store(da_ptr + rows[:, None] + offs_n[None, :], (out * hp).to(da_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _lookback_diag_scan(
+    a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, hprev_ptr, h0_ptr, da_ptr,
+    T, N, G, n_chunks, n_seq,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr,
+    HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+):
+    tile = tl.atomic_add(counter_ptr, 1)  # dynamic tile index: chunk-major, so every sequence advances together
+    chunk = tile // n_seq
+    seq = tile % n_seq
+    bi = seq // G
+    offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    base = bi.to(tl.int64) * T * N
+    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+    A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
+    rows_t = tl.arange(0, BLOCK_T)
+    agg_a = _last_row(A_loc, rows_t, BLOCK_T)
+    agg_b = _last_row(B_loc, rows_t, BLOCK_T)
+
+    # state layout: [n_seq * n_chunks, 3, BLOCK_N] int32 words (agg a, agg b, inclusive state)
+    slot = (seq.to(tl.int64) * n_chunks + chunk) * 3 * BLOCK_N
+    lane = tl.arange(0, BLOCK_N)
+    if HAS_INIT:
+        carry = tl.load(init_ptr + bi.to(tl.int64) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if chunk > 0:
+        tl.store(state_ptr + slot + lane, agg_a.to(tl.int32, bitcast=True))
+        tl.store(state_ptr + slot + BLOCK_N + lane, agg_b.to(tl.int32, bitcast=True))
+        # decoupled look-back: acc = composition of the maps between the found inclusive state and this tile
+        acc_a = tl.full([BLOCK_N], 1.0, tl.float32)
+        acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+        w = tl.arange(0, WINDOW)
+        j = chunk - 1
+        done = chunk * 0
+        while done == 0:
+            idx = j - w  # newest first
+            in_seq = idx >= 0
+            wslot = (seq.to(tl.int64) * n_chunks + idx) * 3 * BLOCK_N
+            ptr = state_ptr + wslot[:, None] + lane[None, :]
+            wm = in_seq[:, None] & mask_n[None, :]
+            wa = tl.load(ptr, mask=wm, other=_SENT, volatile=True)
+            wb = tl.load(ptr + BLOCK_N, mask=wm, other=_SENT, volatile=True)
+            wi = tl.load(ptr + 2 * BLOCK_N, mask=wm, other=_SENT, volatile=True)
+            pad = (~mask_n)[None, :]  # padded channels never count as missing
+            has_inc = tl.min(((wi != _SENT) | pad).to(tl.int32), axis=1) > 0
+            has_agg = tl.min((((wa != _SENT) & (wb != _SENT)) | pad).to(tl.int32), axis=1) > 0
+            has_inc = has_inc & in_seq
+            first_inc = tl.min(tl.where(has_inc, w, WINDOW), axis=0)
+            first_missing = tl.min(tl.where((has_inc | has_agg) | ~in_seq, WINDOW, w), axis=0)
+            n_fold = tl.minimum(first_inc, first_missing)
+            fold = (w < n_fold)[:, None]
+            # unpublished words are the NaN SENTINEL: swap them for (1, 0) bits before any arithmetic touches them
+            fa = tl.where(fold, tl.where(wa == _SENT, 0x3F800000, wa).to(tl.float32, bitcast=True), 1.0)
+            fb = tl.where(fold, tl.where(wb == _SENT, 0, wb).to(tl.float32, bitcast=True), 0.0)
+            Ma, Mb = tl.associative_scan((fa, fb), 0, _combine_recent_first)
+            Ma = _last_row(Ma, w, WINDOW)
+            Mb = _last_row(Mb, w, WINDOW)
+            acc_b = acc_a * Mb + acc_b  # acc ∘ M: the folded (older) maps first, then acc
+            acc_a = acc_a * Ma
+            found = first_inc < first_missing
+            wi = tl.where(wi == _SENT, 0, wi).to(tl.float32, bitcast=True)
+            inc = tl.sum(tl.where((w == first_inc)[:, None], wi, 0.0), axis=0)
+            carry = tl.where(found, acc_a * inc + acc_b, carry)
+            done = found.to(tl.int32)
+            j = j - n_fold
+    inclusive = agg_a * carry + agg_b
+    if PUBLISH_INCLUSIVE or chunk == 0:
+        tl.store(state_ptr + slot + 2 * BLOCK_N + lane, inclusive.to(tl.int32, bitcast=True))
+    if STORE_FINAL:
+        if chunk == n_chunks - 1:
+            tl.store(hT_ptr + bi.to(tl.int64) * N + offs_n, inclusive, mask=mask_n)
+    _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
+                HAS_DA)
+
+
+@triton.jit
+def lookback_diag_scan_fwd_kernel(
+    a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, T, N, G, n_chunks, n_seq,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """h_t = a_t ⊙ h_{t-1} + b_t in one pass (look-back); grid = n_chunks · n_seq tiles."""
+    _lookback_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, h_ptr, init_ptr, h_ptr,
+                        T, N, G, n_chunks, n_seq, HAS_INIT, STORE_FINAL, False, False, False, PUBLISH_INCLUSIVE,
+                        BLOCK_T, BLOCK_N, WINDOW)
+
+
+@triton.jit
+def lookback_diag_scan_bwd_kernel(
+    a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, state_ptr, counter_ptr, h_ptr, h0_ptr, da_ptr,
+    T, N, G, n_chunks, n_seq,
+    HAS_GT: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """λ_t = ḡ_t + a_{t+1} ⊙ λ_{t+1} (λ_T-1 gets ∂L/∂h_T), da_t = λ_t ⊙ h_{t-1}; λ_0 in fp32 to lam0."""
+    _lookback_diag_scan(a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, state_ptr, counter_ptr, h_ptr, h0_ptr, da_ptr,
+                        T, N, G, n_chunks, n_seq, HAS_GT, True, True, HAS_DA, HAS_H0, PUBLISH_INCLUSIVE,
+                        BLOCK_T, BLOCK_N, WINDOW)
+
+
+@triton.jit
+def chunk_diag_scan_fwd_kernel(
+    a_ptr, b_ptr, agg_a_ptr, agg_b_ptr, carry_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr,
+    T, N, G, n_chunks,
+    PHASE: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0_DA: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Three-pass scan. PHASE 0: store each tile's aggregate map to agg [B, n_chunks, N];
+    PHASE 1: rescan each tile from its carry-in [B, n_chunks, N] and store h (and da in the adjoint)."""
+    chunk = tl.program_id(0)
+    seq = tl.program_id(1)
+    bi = seq // G
+    offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    base = bi.to(tl.int64) * T * N
+    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+    A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
+    agg_off = (bi.to(tl.int64) * n_chunks + chunk) * N + offs_n
+    if PHASE == 0:
+        rows_t = tl.arange(0, BLOCK_T)
+        tl.store(agg_a_ptr + agg_off, _last_row(A_loc, rows_t, BLOCK_T), mask=mask_n)
+        tl.store(agg_b_ptr + agg_off, _last_row(B_loc, rows_t, BLOCK_T), mask=mask_n)
+    else:
+        carry = tl.load(carry_ptr + agg_off, mask=mask_n, other=0.0)
+        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
+                    HAS_DA)
+
+
+def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = None) -> tuple[int, int, int]:
+    """Tile sizes ``(BLOCK_T, BLOCK_N, num_warps)``: rows of up to 32 channels (128-byte fp32 rows), 4096-element
+    tiles (16 fp32 values per thread and tensor at 8 warps: enough bytes in flight, no spills)."""
+    bn = block_n or min(32, triton.next_power_of_2(N))
+    bt = block_t or max(16, 4096 // bn)
+    warps = 8 if bt * bn >= 4096 else 4
+    return bt, bn, warps
+
+
+def _grid_dims(B: int, T: int, N: int, bt: int, bn: int) -> tuple[int, int, int]:
+    G = triton.cdiv(N, bn)
+    return G, triton.cdiv(T, bt), B * G
+
+
+def diag_scan_triton(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    init: torch.Tensor | None,
+    *,
+    reverse: bool = False,
+    out_dtype: torch.dtype | None = None,
+    h: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+    want_da: bool = False,
+    algorithm: str = "lookback",
+    block_t: int | None = None,
+    block_n: int | None = None,
+    window: int = 16,
+    publish_inclusive: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the diagonal scan (no autograd, no validation: :mod:`pflow_dist.ops.scan` does both).
+
+    Args:
+        a, b: contiguous ``[B, T, N]`` (fp16/bf16/fp32), same dtype.
+        init: ``[B, N]`` initial state (forward ``h_0``; reverse ``∂L/∂h_T``) or ``None`` (zeros).
+        reverse: the adjoint scan ``λ_t = b_t + a_{t+1} λ_{t+1}`` (``b`` is then ``∂L/∂h``).
+        out_dtype: dtype of the per-step output (``b.dtype`` when ``None``).
+        h, h0: forward states ``[B, T, N]`` and initial state for ``da = λ ⊙ h_{t-1}`` (reverse with want_da).
+        algorithm: ``"lookback"`` (single pass) or ``"chunk"`` (three passes).
+        block_t, block_n, window: tile sizes (defaults from :func:`diag_tile_config`), look-back window.
+        publish_inclusive: testing knob: when False only the first tile publishes its inclusive state, so every
+            tile looks back to the start (exercises the multi-window path the interpreter never reaches otherwise).
+
+    Returns:
+        ``(out [B, T, N] in out_dtype, last [B, N] fp32 — h_T forward, λ_0 reverse, da or None)``.
+    """
+    B, T, N = b.shape
+    bt, bn, warps = diag_tile_config(N, block_t, block_n)
+    G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
+    out = torch.empty(B, T, N, device=b.device, dtype=out_dtype or b.dtype)
+    last = torch.empty(B, N, device=b.device, dtype=torch.float32)
+    da = torch.empty_like(a) if want_da else None
+    dummy = out
+    if algorithm == "lookback":
+        state = torch.full((n_seq * n_chunks * 3 * bn,), SENTINEL, dtype=torch.int32, device=b.device)
+        counter = torch.zeros(1, dtype=torch.int32, device=b.device)
+        grid = (n_chunks * n_seq,)
+        if reverse:
+            lookback_diag_scan_bwd_kernel[grid](
+                a, b, init if init is not None else dummy, out, last, state, counter,
+                h if want_da else dummy, h0 if h0 is not None else dummy, da if want_da else dummy,
+                T, N, G, n_chunks, n_seq, HAS_GT=init is not None, HAS_DA=want_da, HAS_H0=h0 is not None,
+                PUBLISH_INCLUSIVE=publish_inclusive, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, num_warps=warps,
+            )
+        else:
+            lookback_diag_scan_fwd_kernel[grid](
+                a, b, init if init is not None else dummy, out, last, state, counter, T, N, G, n_chunks, n_seq,
+                HAS_INIT=init is not None, STORE_FINAL=True, PUBLISH_INCLUSIVE=publish_inclusive,
+                BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, num_warps=warps,
+            )
+        return out, last, da
+    if algorithm != "chunk":
+        raise ValueError(f"algorithm must be 'lookback' or 'chunk', got {algorithm!r}")
+    agg_a = torch.empty(B, n_chunks, N, device=b.device, dtype=torch.float32)
+    agg_b = torch.empty_like(agg_a)
+    common = dict(REVERSE=reverse, HAS_DA=want_da, HAS_H0_DA=h0 is not None, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+    hp, h0p, dap = (h if want_da else dummy), (h0 if h0 is not None else dummy), (da if want_da else dummy)
+    chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, agg_a, out, hp, h0p, dap, T, N, G, n_chunks,
+                                                  PHASE=0, **common)
+    # states at the end of every tile: the same scan over the tile maps (already in scan order), from init
+    if n_chunks > 1:
+        ends, last_, _ = diag_scan_triton(agg_a, agg_b, init, out_dtype=torch.float32, algorithm="chunk",
+                                          block_t=block_t, block_n=block_n)
+        first = init.float().unsqueeze(1) if init is not None else agg_b.new_zeros(B, 1, N)
+        carry = torch.cat([first, ends[:, :-1]], dim=1).contiguous()
+    else:
+        carry = init.float().unsqueeze(1).contiguous() if init is not None else agg_b.new_zeros(B, 1, N)
+        last_ = agg_a[:, 0] * carry[:, 0] + agg_b[:, 0]
+    chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, carry, out, hp, h0p, dap, T, N, G, n_chunks,
+                                                  PHASE=1, **common)
+    last.copy_(last_)
+    return out, last, da

@@ -1,0 +1,180 @@
+"""pflow_dist.ops.scan against the float64 references of kernels/scan/naive.py: outputs, final states and every
+gradient (a, b, h_0) with random upstream gradients, for both backends (Triton through the interpreter on CPU), diagonal
+and dense, odd sizes (T=63, N not a power of two, T=1, T not a multiple of the tile), long T on the torch path, both
+Triton algorithms (look-back and three-pass) with multi-tile sequences, and named errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pflow_dist.kernels.scan.naive import naive_scan
+from pflow_dist.ops.scan import scan, scan_adjoint, scan_forward
+from pflow_dist.testing import assert_close
+
+F64 = torch.float64
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-12}
+
+
+def make(B, T, N, diagonal, dtype, seed=0, with_h0=True):
+    gen = torch.Generator().manual_seed(seed)
+    if diagonal:  # gates in (0.5, 1): long memory, as in SSMs
+        a = 0.5 + 0.5 * torch.rand(B, T, N, generator=gen)
+    else:  # spectral radius ≈ 0.9
+        a = torch.randn(B, T, N, N, generator=gen) * (0.9 / N**0.5)
+    b = torch.randn(B, T, N, generator=gen)
+    h0 = torch.randn(B, N, generator=gen, dtype=F64 if dtype == F64 else torch.float32) if with_h0 else None
+    return a.to(dtype), b.to(dtype), h0
+
+
+def reference(a, b, h0, gh, gT):
+    """float64 outputs and gradients by autograd through the sequential reference."""
+    leaves = [x.detach().to(F64).requires_grad_() if x is not None else None for x in (a, b, h0)]
+    h, hT = naive_scan(leaves[0], leaves[1], leaves[2], output_final_state=True)
+    loss = (h * gh.to(F64)).sum() + (hT * gT.to(F64)).sum()
+    grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
+    return h.detach(), hT.detach(), grads
+
+
+def check_scan(a, b, h0, backend, tol):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (a, b, h0)]
+    h, hT = scan(leaves[0], leaves[1], leaves[2], output_final_state=True, backend=backend)
+    assert h.dtype == b.dtype and hT.dtype in (torch.float32, F64)
+    gh, gT = torch.randn_like(h, dtype=torch.float32), torch.randn_like(hT)
+    loss = (h.float() * gh).sum() + (hT * gT).sum()
+    grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
+    rh, rT, rgrads = reference(a, b, h0, gh, gT)
+    assert_close("h", rh, h, tol)
+    assert_close("h_T", rT, hT, tol)
+    for name, r, g in zip(("da", "db", "dh0"), rgrads, grads):
+        assert g.dtype == (b.dtype if name != "dh0" else h0.dtype)
+        assert_close(name, r, g, tol)
+
+
+SHAPES = [(2, 63, 5), (1, 1, 3), (3, 17, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-N{}".format(*s))
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "dense"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_scan_fp32(backend, diagonal, shape):
+    a, b, h0 = make(*shape, diagonal, torch.float32, with_h0=shape[1] != 17)
+    check_scan(a, b, h0, backend, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "dense"])
+def test_scan_half_triton(diagonal, dtype):
+    a, b, h0 = make(2, 45, 6, diagonal, dtype)
+    check_scan(a, b, h0, "triton", TOL[dtype])
+
+
+def test_scan_float64_torch_exact():
+    a, b, h0 = make(2, 200, 4, True, F64)
+    check_scan(a, b, h0, "torch", 1e-12)
+    a, b, h0 = make(2, 100, 3, False, F64)
+    check_scan(a, b, h0, "torch", 1e-12)
+
+
+def test_scan_long_T_torch():
+    """T = 2^17 + 3: four levels of the chunked torch scan, compared with the sequential float64 loop."""
+    a, b, h0 = make(1, 2**17 + 3, 2, True, torch.float32)
+    h, hT = scan(a, b, h0, output_final_state=True, backend="torch")
+    rh, rT = naive_scan(a.to(F64), b.to(F64), h0.to(F64), output_final_state=True)
+    assert_close("h", rh, h, 1e-5)
+    assert_close("h_T", rT, hT, 1e-5)
+
+
+@pytest.mark.parametrize("algorithm,publish", [("lookback", True), ("lookback", False), ("chunk", True)],
+                         ids=["lookback", "lookback-deep", "chunk"])
+@pytest.mark.parametrize("T", [61, 150])
+def test_diag_triton_multi_tile(algorithm, publish, T):
+    """Many tiles per sequence (8-step tiles, 4-channel groups): the look-back across windows of 4 tiles (with
+    ``publish=False`` every tile folds all its predecessors), the three-pass recursion (3 levels at T=150), the fused
+    adjoint + da."""
+    a, b, h0 = make(1, T, 6, True, torch.float32, seed=T)
+    kw = dict(algorithm=algorithm, block_t=8, block_n=4, window=4, publish_inclusive=publish)
+    if algorithm == "chunk":
+        kw.pop("window"), kw.pop("publish_inclusive")
+    h, hT = scan_forward(a, b, h0, "triton", **kw)
+    g, gT = torch.randn_like(b), torch.randn_like(h0)
+    lam, lam0, da = scan_adjoint(a, g, gT, "triton", h=h, h0=h0, want_da=True, **kw)
+    rh, rT, (rda, rdb, _) = reference(a, b, h0, g, gT)
+    assert_close("h", rh, h, 2e-5)
+    assert_close("h_T", rT, hT, 2e-5)
+    assert_close("lambda", rdb, lam, 2e-5)
+    assert_close("lambda_0", rdb[:, 0], lam0, 2e-5)
+    assert_close("da", rda, da, 2e-5)
+
+
+@pytest.mark.parametrize("n", [5, 20])
+def test_dense_triton_multi_chunk_and_structured(n):
+    """Dense kernel with 4-step chunks (three recursion levels at T=40) and the structured transition
+    A_t = diag(c0) + Σ_k diag(c_k) M_k used by DEER, forward and adjoint."""
+    gen = torch.Generator().manual_seed(n)
+    B, T, K = 1, 40, 3
+    coef = torch.randn(B, T, K + 1, n, generator=gen) * 0.5
+    mats = torch.randn(K, n, n, generator=gen) * (0.5 / n**0.5)
+    b, h0, g, gT = (torch.randn(B, T, n, generator=gen), torch.randn(B, n, generator=gen),
+                    torch.randn(B, T, n, generator=gen), torch.randn(B, n, generator=gen))
+    A = torch.diag_embed(coef[:, :, 0]) + sum(coef[:, :, k + 1, :, None] * mats[k] for k in range(K))
+    for struct in (False, True):
+        kw = dict(coef=coef, mats=mats) if struct else {}
+        a_in = None if struct else A
+        h, hT = scan_forward(a_in, b, h0, "triton", chunk=4, **kw)
+        lam, lam0, da = scan_adjoint(a_in, g, gT, "triton", h=h, h0=h0, want_da=not struct, chunk=4, **kw)
+        rh, rT, (rda, rdb, _) = reference(A, b, h0, g, gT)
+        assert_close("h", rh, h, 2e-5)
+        assert_close("h_T", rT, hT, 2e-5)
+        assert_close("lambda", rdb, lam, 2e-5)
+        assert_close("lambda_0", rdb[:, 0], lam0, 2e-5)
+        if not struct:
+            assert_close("da", rda, da, 2e-5)
+
+
+def test_scan_returns_none_without_final_state():
+    a, b, _ = make(1, 5, 2, True, torch.float32)
+    h, hT = scan(a, b)
+    assert hT is None and h.shape == b.shape
+
+
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("b_2d", ValueError, r"b must have 3 dimensions \[B, T, N\], got shape \(2, 5\)"),
+        ("a_wrong_T", ValueError, r"a must have shape \[2, 5, 3\]"),
+        ("dense_wrong", ValueError, r"a must have shape \[2, 5, 3, 3\]"),
+        ("T0", ValueError, r"T >= 1"),
+        ("h0_shape", ValueError, r"initial_state must have shape \[2, 3\]"),
+        ("int_b", TypeError, r"b must have dtype in .* got int64"),
+        ("mixed_dtype", TypeError, r"a and b must have the same dtype, got a float64 and b float32"),
+        ("backend", ValueError, r"backend must be one of .* got 'cuda'"),
+        ("triton_f64", ValueError, r"backend='triton' cannot run dtype float64"),
+        ("not_tensor", TypeError, r"a must be a torch.Tensor, got list"),
+    ],
+)
+def test_scan_errors(case, exc, match):
+    a, b, h0 = torch.rand(2, 5, 3), torch.randn(2, 5, 3), torch.randn(2, 3)
+    kw = {}
+    if case == "b_2d":
+        b = b[:, :, 0]
+    elif case == "a_wrong_T":
+        a = a[:, :4]
+    elif case == "dense_wrong":
+        a = torch.rand(2, 5, 3, 4)
+    elif case == "T0":
+        a, b = a[:, :0], b[:, :0]
+    elif case == "h0_shape":
+        h0 = h0[:, :2]
+    elif case == "int_b":
+        b = b.long()
+    elif case == "mixed_dtype":
+        a = a.double()
+    elif case == "backend":
+        kw["backend"] = "cuda"
+    elif case == "triton_f64":
+        a, b, kw["backend"] = a.double(), b.double(), "triton"
+    elif case == "not_tensor":
+        a = a.tolist()
+    with pytest.raises(exc, match=match):
+        scan(a, b, h0, **kw)
