@@ -27,6 +27,21 @@ class DistributedRunError(RuntimeError):
     """A rank failed, or the run timed out."""
 
 
+_ERROR_GRACE_S = 3.0
+_COLLECTIVE_MARKERS = ("distributed_c10d", "gloo", "NCCL", "Connection reset", "Connection closed")
+
+
+def _describe(errors: dict[int, str], world_size: int) -> str:
+    """Report the root cause first: a rank whose error is not a failed collective (a peer that went away)."""
+    order = sorted(errors, key=lambda r: (any(m in errors[r] for m in _COLLECTIVE_MARKERS), r))
+    first = order[0]
+    msg = f"rank {first} of {world_size} failed:\n{errors[first]}"
+    for r in order[1:]:
+        last = errors[r].strip().splitlines()[-1] if errors[r].strip() else ""
+        msg += f"\n(rank {r} also failed: {last[:200]})"
+    return msg
+
+
 def _worker(
     rank: int,
     world_size: int,
@@ -96,25 +111,35 @@ def run_distributed(
         for p in procs:
             p.start()
         outs: dict[int, Any] = {}
+        errors: dict[int, str] = {}
         deadline = time.monotonic() + timeout_s
+        grace_end = float("inf")
         try:
-            while len(outs) < world_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    missing = sorted(set(range(world_size)) - set(outs))
+            while len(outs) + len(errors) < world_size:
+                now = time.monotonic()
+                if errors and now >= grace_end:
+                    break
+                if now >= deadline:
+                    missing = sorted(set(range(world_size)) - set(outs) - set(errors))
                     raise DistributedRunError(f"distributed run timed out after {timeout_s:.0f}s; ranks {missing} "
                                               "did not finish")
                 try:
-                    rank, status, payload = results.get(timeout=min(remaining, 1.0))
+                    rank, status, payload = results.get(timeout=min(deadline - now, 0.5))
                 except queue.Empty:
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outs]
-                    if dead:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outs
+                            and r not in errors]
+                    if dead and not errors:
                         codes = {r: procs[r].exitcode for r in dead}
                         raise DistributedRunError(f"rank(s) {dead} died without reporting (exit codes {codes})")
                     continue
                 if status == "error":
-                    raise DistributedRunError(f"rank {rank} of {world_size} failed:\n{payload}")
-                outs[rank] = payload
+                    if not errors:  # give the other ranks a moment: the first report may be a peer's broken pipe
+                        grace_end = time.monotonic() + _ERROR_GRACE_S
+                    errors[rank] = payload
+                else:
+                    outs[rank] = payload
+            if errors:
+                raise DistributedRunError(_describe(errors, world_size))
         finally:
             for p in procs:
                 if p.is_alive():

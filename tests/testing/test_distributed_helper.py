@@ -58,3 +58,12 @@ def test_stuck_run_times_out():
 def test_bad_world_size():
     with pytest.raises(ValueError, match="world_size must be a positive int, got 0"):
         run_distributed(_all_reduce, 0, 1.0)
+
+
+def test_root_cause_is_reported_first():
+    from pflow_dist.testing.distributed import _describe
+
+    errors = {0: "Traceback ...\n  File distributed_c10d.py\nRuntimeError: Connection reset by peer",
+              1: "Traceback ...\nValueError: bad shard on rank 1"}
+    msg = _describe(errors, 2)
+    assert msg.startswith("rank 1 of 2 failed:") and "(rank 0 also failed: RuntimeError: Connection reset" in msg
