@@ -17,6 +17,11 @@ from .window_fwd import window_sparse_attn_bwd_dq_kernel, window_sparse_attn_fwd
 __all__ = ["INF_WINDOW", "TRITON_DTYPES", "window_attn_bwd", "window_attn_fwd"]
 
 INF_WINDOW = 1 << 30  # "no window": t − s < 2^30 for every position that fits the int32 arithmetic of the kernels
+# Gathered rows (the G global rows) read up to T keys each, but there are few of them: one program per (row block,
+# head) would walk all T keys alone. Their keys are split into chunks of SPLIT_KEYS handled by parallel programs that
+# write partial (o, lse) (FlashDecoding, Dao et al. 2023), merged by log-sum-exp; their dQ partials are summed.
+SPLIT_KEYS = 4096
+SPLIT_KEYS_INTERPRETER = 16  # tiny test shapes still run (and test) the split + merge path
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -87,18 +92,33 @@ def window_attn_fwd(
     has_g = kg is not None and kg.shape[1] > 0
     kg_ = kg.contiguous() if has_g else k
     vg_ = vg.contiguous() if has_g else v
-    o = torch.empty(B, Tq, H, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Tq, H, dtype=torch.float32, device=q.device)
+    S, split_len = _splits(q_pos, Tk, has_g)
+    o = torch.empty(S, B, Tq, H, Dv, dtype=q.dtype if S == 1 else torch.float32, device=q.device)
+    lse = torch.empty(S, B, Tq, H, dtype=torch.float32, device=q.device)
     cfg = _blocks(D, Dv)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H, S)
     window_sparse_attn_fwd_kernel[grid](
         q, k, v, kg_, vg_, _pos(g_pos if has_g else None, q.device), _pos(q_pos, q.device), o, lse,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(o),
+        *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(o[0]), o.stride(0),
         Tq, Tk, kg_.shape[1] if has_g else 0, H, H // Hkv, q_start, k_start, min(window, INF_WINDOW),
-        scale * 1.4426950408889634, D, Dv,
+        scale * 1.4426950408889634, D, Dv, split_len,
         GATHERED=q_pos is not None, HAS_GLOBAL=has_g, PREC=_prec(q.dtype), DT=_dot_dtype(q.dtype), **cfg,
     )
-    return o, lse
+    if S == 1:
+        return o[0], lse[0]
+    # merge the key splits: lse = logsumexp_s lse_s, o = Σ_s exp(lse_s − lse) o_s (rows without keys stay 0, −inf)
+    lse_all = torch.logsumexp(lse, dim=0)
+    w = torch.exp(lse - torch.where(torch.isinf(lse_all), 0.0, lse_all))
+    return (w.unsqueeze(-1) * o).sum(0).to(q.dtype), lse_all
+
+
+def _splits(gathered: torch.Tensor | None, n: int, has_g: bool) -> tuple[int, int]:
+    """Number of splits of the ``n`` rows one program would walk, and rows per split: several only when the other
+    side is a gathered handful (global rows over all keys; global keys over all queries)."""
+    split = SPLIT_KEYS_INTERPRETER if _interpreting() else SPLIT_KEYS
+    if gathered is None or has_g or n <= split:
+        return 1, max(n, 1)
+    return triton.cdiv(n, split), split
 
 
 def window_attn_bwd(
@@ -142,25 +162,32 @@ def window_attn_bwd(
     prec = _prec(q.dtype)
     gathered = q_pos is not None
 
-    dq = torch.empty_like(q)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    S, split_len = _splits(q_pos, Tk, has_g)
+    dq = torch.empty((S, *q.shape), dtype=q.dtype if S == 1 else torch.float32, device=q.device)
+    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H, S)
     window_sparse_attn_bwd_dq_kernel[grid](
         q, k, v, kg_, vg_, gpos, qpos, do, lse, delta, dq,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(do),
+        *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(do), dq.stride(0),
         Tq, Tk, kg_.shape[1] if has_g else 0, H, H // Hkv, q_start, k_start, window, qk_scale, scale, D, Dv,
-        GATHERED=gathered, HAS_GLOBAL=has_g, PREC=prec, DT=_dot_dtype(q.dtype), **cfg,
+        split_len, GATHERED=gathered, HAS_GLOBAL=has_g, PREC=prec, DT=_dot_dtype(q.dtype), **cfg,
     )
+    dq = dq[0] if S == 1 else dq.sum(0).to(q.dtype)
 
     def dkdv(kk, vv, kpos, far):
-        dk, dv = torch.empty_like(kk), torch.empty_like(vv)
-        grid = (triton.cdiv(kk.shape[1], cfg["BLOCK_N"]), B * Hkv)
+        S, split_len = _splits(None if not far else kpos, Tq, False)  # split the O(T) queries of global keys
+        dtype = kk.dtype if S == 1 else torch.float32
+        dk = torch.empty((S, *kk.shape), dtype=dtype, device=kk.device)
+        dv = torch.empty((S, *vv.shape), dtype=dtype, device=kk.device)
+        grid = (triton.cdiv(kk.shape[1], cfg["BLOCK_N"]), B * Hkv, S)
         window_sparse_attn_bwd_dkdv_kernel[grid](
             q, kk, vv, qpos, kpos, do, lse, delta, dk, dv,
-            *_s3(q), *_s3(kk), *_s3(vv), *_s3(do),
-            Tq, kk.shape[1], H, Hkv, H // Hkv, q_start, k_start, window, qk_scale, scale, D, Dv,
+            *_s3(q), *_s3(kk), *_s3(vv), *_s3(do), dk.stride(0), dv.stride(0),
+            Tq, kk.shape[1], H, Hkv, H // Hkv, q_start, k_start, window, qk_scale, scale, D, Dv, split_len,
             GATHERED=gathered, FAR=far, PREC=prec, DT=_dot_dtype(q.dtype), **cfg,
         )
-        return dk, dv
+        if S == 1:
+            return dk[0], dv[0]
+        return dk.sum(0).to(kk.dtype), dv.sum(0).to(vv.dtype)
 
     dk, dv = dkdv(k, v, gpos, False)
     dkg = dvg = None

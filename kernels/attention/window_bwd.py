@@ -9,6 +9,8 @@
 # - global keys (FAR = True) at gathered positions: the queries that read them outside the window, t − s ≥ W, i.e.
 #   every query row from s_lo + W on — O(T) per global key, the price of a token everybody reads.
 # With gathered queries (the global rows, W = ∞) every query row is visited and the mask keeps t ≥ s.
+# For global keys the O(T) query rows are split over a third grid axis (partial dK/dV per split, summed by the
+# launcher), otherwise G keys would leave most of the GPU idle while a few programs walk the whole sequence.
 #   p_ts = exp2(s·scale·log2 e − lse_t·log2 e),  dV += pᵀ dO,  dsᵀ = pᵀ ⊙ (V dOᵀ − δ),  dK += scale · dsᵀ Q
 # with δ_t = Σ dO_t ⊙ O_t − ∂L/∂lse_t as in the dQ pass (kernels/attention/window_fwd.py).
 """dK/dV Triton kernel of window + global-key attention (contiguous keys or gathered global keys)."""
@@ -42,8 +44,8 @@ def _key_rows(KPOS, k_start, n0, Tk, BLOCK_N: tl.constexpr, FAR: tl.constexpr):
 @triton.jit
 def window_sparse_attn_bwd_dkdv_kernel(
     Q, K, V, QPOS, KPOS, DO, LSE, DELTA, DK, DV,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-    Tq, Tk, H, HKV, REP, q_start, k_start, window, qk_scale, scale, D, DVD,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdk_split, sdv_split,
+    Tq, Tk, H, HKV, REP, q_start, k_start, window, qk_scale, scale, D, DVD, split_len,
     GATHERED: tl.constexpr, FAR: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -69,6 +71,9 @@ def window_sparse_attn_bwd_dkdv_kernel(
     else:
         i_lo = tl.maximum(s_lo - q_start, 0)
         i_hi = tl.minimum(s_hi + window - q_start, Tq)
+    pid_s = tl.program_id(2)  # query split: global keys are read by O(T) queries, split them over programs
+    i_lo = tl.maximum(i_lo, pid_s * split_len)
+    i_hi = tl.minimum(i_hi, (pid_s + 1) * split_len)
     for r in range(0, REP):
         h = hk * REP + r
         q_base = Q + b64 * sqb + h * sqh
@@ -95,7 +100,8 @@ def window_sparse_attn_bwd_dkdv_kernel(
             dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
 
-    dk_ptr = DK + b64 * skb + hk * skh + j.to(tl.int64)[:, None] * skt + offs_d[None, :]
+    s64 = pid_s.to(tl.int64)
+    dk_ptr = DK + s64 * sdk_split + b64 * skb + hk * skh + j.to(tl.int64)[:, None] * skt + offs_d[None, :]
     tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & (offs_d < D)[None, :])
-    dv_ptr = DV + b64 * svb + hk * svh + j.to(tl.int64)[:, None] * svt + offs_dv[None, :]
+    dv_ptr = DV + s64 * sdv_split + b64 * svb + hk * svh + j.to(tl.int64)[:, None] * svt + offs_dv[None, :]
     tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & (offs_dv < DVD)[None, :])

@@ -64,8 +64,8 @@ def _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 @triton.jit
 def window_sparse_attn_fwd_kernel(
     Q, K, V, KG, VG, GPOS, QPOS, O, LSE,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sob, sot, soh,
-    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, D, DV,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sob, sot, soh, so_split,
+    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, D, DV, split_len,
     GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -85,8 +85,9 @@ def window_sparse_attn_fwd_kernel(
 
     k_base = K + b64 * skb + hk * skh
     v_base = V + b64 * svb + hk * svh
-    j_lo = tl.maximum(t_lo - window + 1 - k_start, 0)
-    j_hi = tl.minimum(t_hi + 1 - k_start, Tk)
+    pid_s = tl.program_id(2)  # key split (flash-decoding style, for the few long global rows); 0 of 1 otherwise
+    j_lo = tl.maximum(tl.maximum(t_lo - window + 1 - k_start, 0), pid_s * split_len)
+    j_hi = tl.minimum(tl.minimum(t_hi + 1 - k_start, Tk), (pid_s + 1) * split_len)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         k_ok = j < j_hi
@@ -111,9 +112,11 @@ def window_sparse_attn_fwd_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural units
-    o_ptr = O + b64 * sob + h * soh + i.to(tl.int64)[:, None] * sot + offs_dv[None, :]
+    s64 = pid_s.to(tl.int64)
+    o_ptr = O + s64 * so_split + b64 * sob + h * soh + i.to(tl.int64)[:, None] * sot + offs_dv[None, :]
     tl.store(o_ptr, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + (b64 * Tq + i) * H + h, lse, mask=row_ok)  # lse is a contiguous [B, Tq, H] fp32 tensor
+    # lse: a contiguous [S, B, Tq, H] fp32 tensor (num_programs(1) = B·H)
+    tl.store(LSE + s64 * tl.num_programs(1) * Tq + (b64 * Tq + i) * H + h, lse, mask=row_ok)
 
 
 @triton.jit
@@ -128,8 +131,8 @@ def _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC: tl.constexpr
 @triton.jit
 def window_sparse_attn_bwd_dq_kernel(
     Q, K, V, KG, VG, GPOS, QPOS, DO, LSE, DELTA, DQ,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sdob, sdot, sdoh,
-    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, scale, D, DV,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sdob, sdot, sdoh, sdq_split,
+    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, scale, D, DV, split_len,
     GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -152,8 +155,9 @@ def window_sparse_attn_bwd_dq_kernel(
 
     k_base = K + b64 * skb + hk * skh
     v_base = V + b64 * svb + hk * svh
-    j_lo = tl.maximum(t_lo - window + 1 - k_start, 0)
-    j_hi = tl.minimum(t_hi + 1 - k_start, Tk)
+    pid_s = tl.program_id(2)  # key split (flash-decoding style, for the few long global rows); 0 of 1 otherwise
+    j_lo = tl.maximum(tl.maximum(t_lo - window + 1 - k_start, 0), pid_s * split_len)
+    j_hi = tl.minimum(tl.minimum(t_hi + 1 - k_start, Tk), (pid_s + 1) * split_len)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         k_ok = j < j_hi
@@ -173,5 +177,6 @@ def window_sparse_attn_bwd_dq_kernel(
             v = _load_rows(vg_base, gi, g_ok, sgvt, offs_dv, DV, DT)
             allowed = ((t[:, None] - gp[None, :]) >= window) & g_ok[None, :] & row_ok[:, None]
             dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC)
-    dq_ptr = DQ + b64 * sqb + h * sqh + i.to(tl.int64)[:, None] * sqt + offs_d[None, :]
+    dq_ptr = DQ + pid_s.to(tl.int64) * sdq_split + b64 * sqb + h * sqh + i.to(tl.int64)[:, None] * sqt
+    dq_ptr += offs_d[None, :]
     tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
