@@ -219,3 +219,19 @@ def test_window_attention_bad_positions():
         window_attention(q, q, q, window=2, kg=q[:, :1])
     with pytest.raises(ValueError, match="q_start must be an int >= 0"):
         window_attention(q, q, q, window=2, q_start=-1)
+
+
+def test_bench_quick_case_runs():
+    """The benchmark declaration runs on CPU: ours and the blocked path match the reference, the dense peer runs."""
+    from pflow_dist.bench.attention import BENCH
+    from pflow_dist.bench.registry import run_bench
+
+    rows = run_bench(BENCH, device=torch.device("cpu"), dtype=torch.float32, quick=True,
+                     case_filter=["B1-T256-H2-D16-W32-G2"], impl_filter=["ours", "torch-blocked", "sdpa-causal"],
+                     warmup=0, rep=1)
+    assert {(r.impl, r.mode) for r in rows} == {(i, m) for i in ("ours", "torch-blocked", "sdpa-causal")
+                                                 for m in ("fwd", "fwd+bwd")}
+    assert all(r.status == "ok" and r.median_ms > 0 for r in rows), [(r.impl, r.error) for r in rows]
+    for r in rows:
+        if r.impl != "sdpa-causal":
+            assert r.extra["rel_err"] < 1e-5, r
