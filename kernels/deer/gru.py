@@ -98,7 +98,7 @@ def gru_linearize_triton(
     grid = (triton.cdiv(R, br), triton.cdiv(n, bn))
     pointwise_gru_linearize_fwd_kernel[grid](
         gi, gh, h, h0 if h0 is not None else h, wdiag, res, out, R, T, n, float(scale),
-        HAS_H0=h0 is not None, STRUCT=structured, BLOCK_R=br, BLOCK_N=bn, num_warps=4,
+        HAS_H0=h0 is not None, STRUCT=structured, BLOCK_R=br, BLOCK_N=bn, num_warps=8,
     )
     return res, out
 

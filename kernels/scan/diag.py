@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SENTINEL", "diag_scan_triton", "diag_tile_config"]
+__all__ = ["LOOKBACK_MIN_SEQS", "SENTINEL", "diag_scan_triton", "diag_tile_config"]
 
 # A signalling-NaN bit pattern arithmetic never produces (GPUs return the canonical NaN 0x7FFFFFFF): "not published".
 SENTINEL = 0x7FA0DEAD
@@ -221,12 +221,19 @@ def chunk_diag_scan_fwd_kernel(
 
 
 def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = None) -> tuple[int, int, int]:
-    """Tile sizes ``(BLOCK_T, BLOCK_N, num_warps)``: rows of up to 32 channels (128-byte fp32 rows), 4096-element
-    tiles (16 fp32 values per thread and tensor at 8 warps: enough bytes in flight, no spills)."""
+    """Tile sizes ``(BLOCK_T, BLOCK_N, num_warps)``: rows of up to 32 channels (128-byte fp32 rows), 2048-element
+    tiles on 4 warps: 16 values per thread and tensor, ≈ 150 registers (sm_90 ptxas), so 3 programs share an SM and
+    one's loads overlap another's scan and look-back (larger tiles fit one program per SM and serialise)."""
     bn = block_n or min(32, triton.next_power_of_2(N))
-    bt = block_t or max(16, 4096 // bn)
-    warps = 8 if bt * bn >= 4096 else 4
-    return bt, bn, warps
+    bt = block_t or max(16, 2048 // bn)
+    return bt, bn, 4
+
+
+# Look-back pays off when enough independent sequences (n_seq = B · channel groups) advance side by side: a chain's
+# inclusive states advance about WINDOW tiles per global-memory round trip (~1 µs), so n_seq · WINDOW tiles of 24 KB
+# per µs must cover the bandwidth (≈ 3 TB/s) → n_seq ≥ 8. Fewer, longer chains (T = 2^24 over 16 channels) take the
+# three-pass algorithm: 5 tensor passes instead of 3, but no chain latency.
+LOOKBACK_MIN_SEQS = 8
 
 
 def _grid_dims(B: int, T: int, N: int, bt: int, bn: int) -> tuple[int, int, int]:
@@ -244,7 +251,7 @@ def diag_scan_triton(
     h: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     want_da: bool = False,
-    algorithm: str = "lookback",
+    algorithm: str = "auto",
     block_t: int | None = None,
     block_n: int | None = None,
     window: int = 16,
@@ -258,7 +265,8 @@ def diag_scan_triton(
         reverse: the adjoint scan ``λ_t = b_t + a_{t+1} λ_{t+1}`` (``b`` is then ``∂L/∂h``).
         out_dtype: dtype of the per-step output (``b.dtype`` when ``None``).
         h, h0: forward states ``[B, T, N]`` and initial state for ``da = λ ⊙ h_{t-1}`` (reverse with want_da).
-        algorithm: ``"lookback"`` (single pass) or ``"chunk"`` (three passes).
+        algorithm: ``"lookback"`` (single pass), ``"chunk"`` (three passes) or ``"auto"`` (look-back when at least
+            ``LOOKBACK_MIN_SEQS`` sequences × channel groups run side by side, or the sequence is one tile).
         block_t, block_n, window: tile sizes (defaults from :func:`diag_tile_config`), look-back window.
         publish_inclusive: testing knob: when False only the first tile publishes its inclusive state, so every
             tile looks back to the start (exercises the multi-window path the interpreter never reaches otherwise).
@@ -273,6 +281,8 @@ def diag_scan_triton(
     last = torch.empty(B, N, device=b.device, dtype=torch.float32)
     da = torch.empty_like(a) if want_da else None
     dummy = out
+    if algorithm == "auto":
+        algorithm = "lookback" if (n_seq >= LOOKBACK_MIN_SEQS or n_chunks == 1) else "chunk"
     if algorithm == "lookback":
         state = torch.full((n_seq * n_chunks * 3 * bn,), SENTINEL, dtype=torch.int32, device=b.device)
         counter = torch.zeros(1, dtype=torch.int32, device=b.device)
@@ -301,8 +311,8 @@ def diag_scan_triton(
                                                   PHASE=0, **common)
     # states at the end of every tile: the same scan over the tile maps (already in scan order), from init
     if n_chunks > 1:
-        ends, last_, _ = diag_scan_triton(agg_a, agg_b, init, out_dtype=torch.float32, algorithm="chunk",
-                                          block_t=block_t, block_n=block_n)
+        ends, last_, _ = diag_scan_triton(agg_a, agg_b, init, out_dtype=torch.float32, algorithm="auto",
+                                          block_t=block_t, block_n=block_n, window=window)
         first = init.float().unsqueeze(1) if init is not None else agg_b.new_zeros(B, 1, N)
         carry = torch.cat([first, ends[:, :-1]], dim=1).contiguous()
     else:

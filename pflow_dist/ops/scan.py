@@ -139,10 +139,11 @@ def scan_adjoint(
 
 class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, h0, backend):
-        h, hT = scan_forward(a, b, h0, backend)
+    def forward(ctx, a, b, h0, backend, kernel_kw=None):
+        kernel_kw = kernel_kw or {}
+        h, hT = scan_forward(a, b, h0, backend, **kernel_kw)
         ctx.save_for_backward(a, h, h0)
-        ctx.backend = backend
+        ctx.backend, ctx.kernel_kw = backend, kernel_kw
         return h, hT
 
     @staticmethod
@@ -151,13 +152,13 @@ class _Scan(torch.autograd.Function):
         if dh is None:
             dh = torch.zeros_like(h)
         lam, lam0, da = scan_adjoint(a, dh, dhT, ctx.backend, h=h, h0=h0, want_da=ctx.needs_input_grad[0],
-                                     out_dtype=h.dtype)
+                                     out_dtype=h.dtype, **ctx.kernel_kw)
         dh0 = None
         if h0 is not None and ctx.needs_input_grad[2]:
             a1 = a[:, 0].to(lam0.dtype)
             dh0 = (a1 * lam0 if a.dim() == 3 else (a1.transpose(-1, -2) @ lam0.unsqueeze(-1)).squeeze(-1))
             dh0 = dh0.to(h0.dtype)
-        return da, lam, dh0, None
+        return da, lam, dh0, None, None
 
 
 def scan(

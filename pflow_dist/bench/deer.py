@@ -1,0 +1,134 @@
+"""``pflow-dist bench deer``: a GRU over long sequences by DEER (parallel Newton) vs ``torch.nn.GRU`` (cuDNN).
+
+Same inputs as ``bench gru`` (input size = hidden size nh, nn.GRU's init, x ~ N(0, 1), h0 = 0, fp32). Implementations:
+- ``ours``: ``pflow_dist.ops.deer.deer_rnn(..., method="quasi")`` (diagonal Jacobian: look-back diagonal scan);
+- ``ours-newton``: ``method="newton"`` (structured dense Jacobian, chunked dense scan, n ≤ 64);
+- ``torch.nn.GRU``: cuDNN, run over chunks of 2^16 steps carrying the hidden state (one call over 2^20 steps is what
+  DESIGN.md §10's peer numbers call "chunked"); gradients flow through the chunks.
+``python -m pflow_dist.bench.deer`` adds to every row (``finalize_rows``) the Newton iterations and the max abs error
+of each method against the sequential cuDNN result on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..kernels.deer.naive import GRUWeights, naive_gru
+from .gru import _gru_module, _inputs
+from .harness import BenchRow
+from .registry import Bench, Case, Impl
+
+_QUICK = [(2, 8, 64), (1, 16, 256)]
+_FULL = [(1, 8, 2**20), (16, 32, 2**20), (16, 32, 17984), (16, 64, 17984), (16, 256, 17984)]
+_CUDNN_CHUNK = 2**16
+
+
+def _cases(quick: bool) -> list[Case]:
+    return [Case(f"B{b}-nh{n}-T{t}", {"B": b, "nh": n, "T": t}) for b, n, t in (_QUICK if quick else _FULL)]
+
+
+def _weights(inp) -> GRUWeights:
+    return GRUWeights(inp["weight_ih"], inp["weight_hh"], inp["bias_ih"], inp["bias_hh"])
+
+
+def _deer(method: str):
+    def run(inp):
+        from ..ops.deer import deer_rnn
+
+        h, hT, _ = deer_rnn(_weights(inp), inp["x"], inp["h0"], method)
+        return h, hT
+
+    return run
+
+
+
+def _cudnn(inp):
+    x = inp["x"]
+    module = _gru_module(x.shape[-1], x.device, x.dtype)
+    params = {f"{k}_l0": inp[k] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    h = inp["h0"].unsqueeze(0)
+    outs = []
+    for t0 in range(0, x.shape[1], _CUDNN_CHUNK):
+        o, h = torch.func.functional_call(module, params, (x[:, t0:t0 + _CUDNN_CHUNK], h))
+        outs.append(o)
+    return torch.cat(outs, dim=1), h[0]
+
+
+def _reference(inp) -> torch.Tensor:
+    return naive_gru(inp["x"].double(), inp["h0"].double(), _weights(inp).to(torch.float64))[0]
+
+
+BENCH = Bench(
+    name="deer",
+    description=__doc__.splitlines()[0],
+    cases=_cases,
+    make_inputs=_inputs,
+    impls=[Impl("ours", _deer("quasi")), Impl("ours-newton", _deer("newton")), Impl("torch.nn.GRU", _cudnn)],
+    grad_inputs=("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+    default_dtype=torch.float32,
+    reference=_reference,
+    check_limit=lambda case: case.params["T"] * case.params["B"] <= 2**16,
+)
+
+
+def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case]) -> list[BenchRow]:
+    """Add ``iterations`` and ``max_abs_err_vs_sequential`` (against cuDNN fp32 on the same inputs) to the DEER
+    rows, and ``nh``/``T``/``B`` to every row."""
+    from ..ops.deer import deer_rnn
+
+    stats: dict[tuple[str, str], dict] = {}
+    for case in cases:
+        inp = _inputs(case, torch.float32, device)
+        with torch.no_grad():
+            seq = _cudnn(inp)[0]
+            for impl, method in (("ours", "quasi"), ("ours-newton", "newton")):
+                try:
+                    h, _, info = deer_rnn(_weights(inp), inp["x"], inp["h0"], method)
+                    stats[(case.name, impl)] = {"iterations": info.iterations,
+                                                "max_abs_err_vs_sequential": (h - seq).abs().max().item()}
+                except Exception as e:  # recorded, like a failing peer
+                    stats[(case.name, impl)] = {"stats_error": f"{type(e).__name__}: {str(e)[:200]}"}
+        del inp, seq
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        row.extra.update(stats.get((row.case, row.impl), {}))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pflow_dist.bench.deer [--quick] [--case ...] [--out FILE]``: run, add iterations/errors, JSONL."""
+    from .harness import write_jsonl
+    from .registry import run_bench
+    from .report import format_row, print_table
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--case", action="append", default=[])
+    p.add_argument("--impl", action="append", default=[])
+    p.add_argument("--mode", action="append", default=[])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rep", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run_bench(BENCH, device=device, quick=args.quick, case_filter=args.case, impl_filter=args.impl,
+                     modes=args.mode or None, warmup=args.warmup, rep=args.rep,
+                     on_row=lambda r: print(format_row(r), flush=True))
+    cases = [c for c in BENCH.cases(args.quick) if not args.case or c.name in args.case]
+    rows = finalize_rows(rows, device, cases)
+    from rich.console import Console
+
+    print_table(rows, Console())
+    for r in rows:
+        if "iterations" in r.extra:
+            print(f"{r.case:<20} {r.mode:<8} {r.impl:<12} {r.median_ms or float('nan'):10.2f} ms  "
+                  f"iters={r.extra['iterations']}  max|err| vs cuDNN={r.extra['max_abs_err_vs_sequential']:.2e}")
+    if args.out:
+        write_jsonl(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
