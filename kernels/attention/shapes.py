@@ -15,7 +15,9 @@ import torch
 
 from ..common.checks import check_same_device, check_tensor
 
-__all__ = ["AttnDims", "check_attention_inputs", "check_scale", "check_window", "normalize_global_idx"]
+__all__ = ["INF_WINDOW", "AttnDims", "check_attention_inputs", "check_scale", "check_window", "normalize_global_idx"]
+
+INF_WINDOW = 1 << 30  # "no window" (full causal rows): t − s < 2^30 for every position the int32 kernels address
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .shapes import INF_WINDOW
 from .window_bwd import window_sparse_attn_bwd_dkdv_kernel
 from .window_fwd import window_sparse_attn_bwd_dq_kernel, window_sparse_attn_fwd_kernel
 
 __all__ = ["INF_WINDOW", "TRITON_DTYPES", "window_attn_bwd", "window_attn_fwd"]
 
-INF_WINDOW = 1 << 30  # "no window": t − s < 2^30 for every position that fits the int32 arithmetic of the kernels
 # Gathered rows (the G global rows) read up to T keys each, but there are few of them: one program per (row block,
 # head) would walk all T keys alone. Their keys are split into chunks of SPLIT_KEYS handled by parallel programs that
 # write partial (o, lse) (FlashDecoding, Dao et al. 2023), merged by log-sum-exp; their dQ partials are summed.

@@ -20,14 +20,20 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels.attention.blocked import blocked_window_attention
-from ..kernels.attention.shapes import check_attention_inputs, check_scale, check_window, normalize_global_idx
+from ..kernels.attention.shapes import (
+    INF_WINDOW,
+    check_attention_inputs,
+    check_scale,
+    check_window,
+    normalize_global_idx,
+)
 from ..kernels.common.checks import check_tensor
 
-__all__ = ["BACKENDS", "INF_WINDOW", "sparse_attention", "window_attention"]
+__all__ = ["BACKENDS", "INF_WINDOW", "MAX_TRITON_DIM", "sparse_attention", "window_attention"]
 
 BACKENDS = ("auto", "triton", "flex", "torch")
-INF_WINDOW = 1 << 30  # "no window" (full causal rows); the Triton kernels clamp to it as well
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_DIM = 256  # head dims of the Triton kernels (a [64, D] fp32 accumulator per program)
 
 
 def _interpreting() -> bool:
@@ -36,12 +42,16 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def _resolve_backend(backend: object, q: torch.Tensor, allow_flex: bool) -> str:
+def _resolve_backend(backend: object, q: torch.Tensor, v: torch.Tensor, allow_flex: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dims_ok = q.shape[-1] <= MAX_TRITON_DIM and v.shape[-1] <= MAX_TRITON_DIM
     if backend == "auto":
-        return "triton" if (q.is_cuda and q.dtype in _TRITON_DTYPES) else "torch"
+        return "triton" if (q.is_cuda and q.dtype in _TRITON_DTYPES and dims_ok) else "torch"
     if backend == "triton":
+        if not dims_ok:
+            raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_DIM}, got D={q.shape[-1]}, "
+                             f"Dv={v.shape[-1]} (use backend='torch')")
         if q.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {q.dtype} "
                             "(use backend='torch' for float64)")
@@ -150,7 +160,7 @@ def window_attention(
         if kg.dtype != q.dtype or vg.dtype != q.dtype:
             raise TypeError(f"kg and vg must have q's dtype {q.dtype}, got {kg.dtype}, {vg.dtype}")
         g_pos = _check_positions("g_pos", g_pos, G, q.device)
-    be = _resolve_backend(backend, q, allow_flex=False)
+    be = _resolve_backend(backend, q, v, allow_flex=False)
     window = min(window, INF_WINDOW)
     if be == "triton":
         return _TritonWindowAttention.apply(q, k, v, kg, vg, q_start, q_pos, k_start, window, g_pos, scale)
@@ -206,7 +216,7 @@ def sparse_attention(
     window = check_window(window)
     scale = check_scale(scale, d.D)
     g = normalize_global_idx(global_idx, n_global, d.T, q.device)
-    be = _resolve_backend(backend, q, allow_flex=True)
+    be = _resolve_backend(backend, q, v, allow_flex=True)
     if be == "flex":
         if not q.is_cuda and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
             raise ValueError("backend='flex' has no backward on CPU (torch FlexAttention raises NotImplementedError);"

@@ -183,6 +183,8 @@ BAD = {
     "scale-nan": (dict(scale=math.nan), ValueError, "scale must be a finite number"),
     "backend": (dict(backend="cuda"), ValueError, "backend must be one of"),
     "triton-f64": (dict(backend="triton", dtype=F64), TypeError, "supports float16, bfloat16 and float32"),
+    "triton-D>256": (dict(backend="triton", q_shape=(1, 8, 2, 260), k_shape=(1, 8, 2, 260)), ValueError,
+                     "head dims up to 256"),
     "k-length": (dict(k_shape=(1, 7, 2, 4)), ValueError, "k must have shape"),
     "v-heads": (dict(v_shape=(1, 8, 1, 4)), ValueError, "v must have shape"),
     "heads-not-multiple": (dict(k_shape=(1, 8, 3, 4), v_shape=(1, 8, 3, 4)), ValueError, "multiple of the key/value"),
