@@ -19,18 +19,30 @@ __all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "plan_chunks", "toke
 
 ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles live in registers
 
-# num_warps per kernel; FLOW_NUM_WARPS="wy=4,state=4,out=4,dvl=4,sbwd=4,grads=8" overrides (tuning runs)
-_WARPS = {"wy": 4, "state": 4, "out": 4, "dvl": 4, "sbwd": 4, "grads": 4}
+# Tiling knobs: bk / bv = K / V blocks of the parallel kernels (≤ 64), bvs = V block of the sequential state kernels,
+# nw_<kernel> / ns_<kernel> = num_warps / num_stages. FLOW_CFG="bk=32,nw_grads=8,..." overrides (tuning runs).
+_CFG = {
+    "bk": 64, "bv": 64, "bvs": 64,
+    "nw_wy": 8, "nw_state": 4, "nw_out": 8, "nw_dvl": 8, "nw_sbwd": 8, "nw_grads": 8,
+    "ns_wy": 2, "ns_state": 2, "ns_out": 2, "ns_dvl": 2, "ns_sbwd": 2, "ns_grads": 2,
+}
 
 
-def _warps(name: str) -> int:
-    env = os.environ.get("FLOW_NUM_WARPS")
+def _cfg(key: str) -> int:
+    env = os.environ.get("FLOW_CFG")
     if env:
         for item in env.split(","):
-            key, _, val = item.partition("=")
-            if key.strip() == name:
+            k, _, val = item.partition("=")
+            if k.strip() == key:
                 return int(val)
-    return _WARPS[name]
+    return _CFG[key]
+
+
+def _launch(name: str, x: torch.Tensor) -> dict:
+    """Launch options of kernel ``name``: warps, pipelining depth, and the fp32 dot precision (tf32x3 ≈ fp32
+    accuracy for fp32 inputs; bf16/fp16 operands ignore it)."""
+    prec = "tf32x3" if x.dtype == torch.float32 else "tf32"
+    return {"num_warps": _cfg(f"nw_{name}"), "num_stages": _cfg(f"ns_{name}"), "default_dot_input_precision": prec}
 
 
 @dataclass(frozen=True)
@@ -62,10 +74,10 @@ def plan_chunks(B, T, H, R, K, V, chunk_size: int, rank_form: str) -> ChunkPlan:
     BC = max(max(1, 16 // R_PAD), min(bc, ROWS_MAX // R_PAD))
     BT = BC * R_PAD
     BKF = max(16, triton.next_power_of_2(K))
-    BVS = max(16, min(triton.next_power_of_2(V), 64, 8192 // BKF))
+    BVS = max(16, min(triton.next_power_of_2(V), _cfg("bvs"), 8192 // BKF))
     return ChunkPlan(
         B=B, T=T, H=H, R=R, K=K, V=V, R_PAD=R_PAD, BC=BC, BT=BT, BQ=max(BC, 16), NT=triton.cdiv(T, BC),
-        BK=max(16, min(64, triton.next_power_of_2(K))), BV=max(16, min(64, triton.next_power_of_2(V))),
+        BK=max(16, min(_cfg("bk"), triton.next_power_of_2(K))), BV=max(16, min(_cfg("bv"), triton.next_power_of_2(V))),
         BKF=BKF, BVS=BVS, product=rank_form == "product",
     )
 
@@ -96,19 +108,21 @@ def _wy_state(k, v, beta, G, h0, p: ChunkPlan, store_ht: bool, inter_dtype):
     gated = G is not None
     Gp = G if gated else W  # a dummy pointer when not gated (never read)
     chunk_flow_wy_fwd_kernel[(p.NT, p.B * p.H)](
-        k, v, beta, Gp, W, U, Ainv, p.T, p.H, p.R, p.K, p.V, p.NT,
+        k, v, beta, Gp, W, U, Ainv, p.T, p.NT,
+        H=p.H, R=p.R, K=p.K, V=p.V,
         BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, PRODUCT=p.product, GATED=gated, DT=dot_dtype(k),
-        num_warps=_warps("wy"),
+        **_launch("wy", k),
     )
     h = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter_dtype)
     Vn = torch.empty(rows, p.V, device=dev, dtype=inter_dtype)
     hT = torch.empty(p.B, p.H, p.K, p.V, device=dev, dtype=torch.float32) if store_ht else None
     chunk_flow_state_fwd_kernel[(triton.cdiv(p.V, p.BVS), p.B * p.H)](
         k, W, U, Gp, h0 if h0 is not None else W, h, Vn, hT if store_ht else W,
-        p.T, p.H, p.R, p.K, p.V, p.NT,
+        p.T, p.NT,
+        H=p.H, R=p.R, K=p.K, V=p.V,
         BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated, USE_H0=h0 is not None,
         STORE_HT=store_ht, DT=dot_dtype(k),
-        num_warps=_warps("state"),
+        **_launch("state", k),
     )
     return W, U, Ainv, h, Vn, hT
 
@@ -138,9 +152,10 @@ def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool,
     _, _, _, h, Vn, hT = _wy_state(k, v, beta, G, h0, p, output_final_state, _inter_dtype(q))
     o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
     chunk_flow_output_fwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
-        q, k, Vn, h, G if G is not None else Vn, o, scale, p.T, p.H, p.R, p.K, p.V, p.NT,
+        q, k, Vn, h, G if G is not None else Vn, o, scale, p.T, p.NT,
+        H=p.H, R=p.R, K=p.K, V=p.V,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=G is not None, DT=dot_dtype(q),
-        num_warps=_warps("out"),
+        **_launch("out", k),
     )
     return o, hT
 
@@ -160,18 +175,20 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     rows = p.B * p.H * p.NT * p.BT
     dVn = torch.empty(rows, p.V, device=dev, dtype=torch.float32)
     chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
-        q, k, do, Gp, dVn, scale, p.T, p.H, p.R, p.K, p.V, p.NT,
+        q, k, do, Gp, dVn, scale, p.T, p.NT,
+        H=p.H, R=p.R, K=p.K, V=p.V,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=gated, DT=dot_dtype(q),
-        num_warps=_warps("dvl"),
+        **_launch("dvl", k),
     )
     dh = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter)
     dh0 = torch.empty(p.B, p.H, p.K, p.V, device=dev, dtype=torch.float32) if need_dh0 else None
     chunk_flow_state_bwd_kernel[(triton.cdiv(p.V, p.BVS), p.B * p.H)](
         q, k, W, do, Gp, dht if dht is not None else W, dh, dVn, dh0 if need_dh0 else W, scale,
-        p.T, p.H, p.R, p.K, p.V, p.NT,
+        p.T, p.NT,
+        H=p.H, R=p.R, K=p.K, V=p.V,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated, USE_DHT=dht is not None,
         STORE_DH0=need_dh0, DT=dot_dtype(q),
-        num_warps=_warps("sbwd"),
+        **_launch("sbwd", k),
     )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -182,9 +199,10 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     chunk_flow_grads_bwd_kernel[(p.NT, p.B * p.H)](
         q, k, v, beta, Gp, W, U, Ainv, h, dh, Vn, dVn, do,
         dq, dk, dv, dbeta, dG_row if gated else W, dG_q if gated else W, scale,
-        p.T, p.H, p.R, p.K, p.V, p.NT,
+        p.T, p.NT,
+        H=p.H, R=p.R, K=p.K, V=p.V,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, PRODUCT=p.product, GATED=gated, DT=dot_dtype(q),
-        num_warps=_warps("grads"),
+        **_launch("grads", k),
     )
     dg = _token_dg(dG_row, dG_q, p) if gated else None
     return dq, dk, dv, dbeta, dg, dh0

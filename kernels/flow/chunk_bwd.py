@@ -23,7 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _row_offsets, _rows
+from .chunk_fwd import _gates, _row_offsets, _rows
+from .chunk_io import load_mat, load_rows, store_mat, store_rows
 
 __all__ = ["chunk_flow_dvlocal_bwd_kernel", "chunk_flow_grads_bwd_kernel", "chunk_flow_state_bwd_kernel"]
 
@@ -31,92 +32,76 @@ __all__ = ["chunk_flow_dvlocal_bwd_kernel", "chunk_flow_grads_bwd_kernel", "chun
 @triton.jit
 def chunk_flow_dvlocal_bwd_kernel(
     q, k, do, Gtok, dVn, scale,
-    T, H, R, K, V, NT,
+    T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bh64 = i_bh.to(tl.int64)
-    o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
-    row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
-    o_q = tl.arange(0, BQ)
-    q_ok = (o_q < BC) & (i_c * BC + o_q < T)
-    q_row = (i_b.to(tl.int64) * T + i_c * BC + o_q) * H + i_h
+    t0 = i_c * BC
+    t_q = tl.minimum(T, t0 + BC)
     b_s = tl.zeros([BQ, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mk = o_k < K
-        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(DT)
-        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
+        b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, i_k * BK, BQ, 1, BK).to(DT)
+        b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
         b_s += tl.dot(b_q, tl.trans(b_k))
-    vis = (tok[None, :] <= o_q[:, None]) & q_ok[:, None]
+    o_q = tl.arange(0, BQ)
+    vis = (tl.arange(0, BT) // R_PAD)[None, :] <= o_q[:, None]
     if GATED:
-        b_Gq = tl.load(Gtok + bh64 * NT * BC + i_c * BC + o_q, mask=o_q < BC, other=0.0)
-        b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
+        b_G, b_Gq, _ = _gates(Gtok, bh64, i_c, NT, BC, BT, BQ, R_PAD)
         b_s = b_s * tl.exp(tl.where(vis, b_Gq[:, None] - b_G[None, :], 0.0))
     b_s = tl.where(vis, b_s * scale, 0.0)
-    o_v = i_v * BV + tl.arange(0, BV)
-    mv = o_v < V
-    b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :], other=0.0)
-    b_dv = tl.dot(tl.trans(b_s).to(DT), b_do.to(DT))
-    tl.store(dVn + ((bh64 * NT + i_c) * BT + o_i)[:, None] * V + o_v[None, :], b_dv, mask=mv[None, :])
+    b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, i_v * BV, BQ, 1, BV).to(DT)
+    b_dv = tl.dot(tl.trans(b_s).to(DT), b_do)
+    store_mat(dVn, b_dv, bh64 * NT * BT * V, NT * BT, V, i_c * BT, i_v * BV, BT, BV)
 
 
 @triton.jit
 def chunk_flow_state_bwd_kernel(
     q, k, W, do, Gtok, dht, dh, dVn, dh0, scale,
-    T, H, R, K, V, NT,
+    T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BKF: tl.constexpr,
     BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DT: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     bh64 = i_bh.to(tl.int64)
-    o_kf = tl.arange(0, BKF)
-    o_v = i_v * BV + tl.arange(0, BV)
-    mk, mv = o_kf < K, o_v < V
-    m_kv = mk[:, None] & mv[None, :]
-    p_state = o_kf[:, None] * V + o_v[None, :]
-    o_q = tl.arange(0, BQ)
+    v0 = i_v * BV
     b_dh = tl.zeros([BKF, BV], dtype=tl.float32)
     if USE_DHT:
-        b_dh += tl.load(dht + bh64 * K * V + p_state, mask=m_kv, other=0.0).to(tl.float32)
+        b_dh += load_mat(dht, bh64 * K * V, K, V, 0, v0, BKF, BV).to(tl.float32)
     for i_r in range(NT):
         i_c = NT - 1 - i_r
-        o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
-        row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
-        q_ok = (o_q < BC) & (i_c * BC + o_q < T)
-        q_row = (i_b.to(tl.int64) * T + i_c * BC + o_q) * H + i_h
-        base = (bh64 * NT + i_c) * BT
-        tl.store(dh + (bh64 * NT + i_c) * K * V + p_state, b_dh.to(dh.dtype.element_ty), mask=m_kv)
-        b_k = tl.load(k + row[:, None] * K + o_kf[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
-        b_q = tl.load(q + q_row[:, None] * K + o_kf[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0)
+        t0 = i_c * BC
+        t_q = tl.minimum(T, t0 + BC)
+        store_mat(dh, b_dh, (bh64 * NT + i_c) * K * V, K, V, 0, v0, BKF, BV)
+        b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, 0, BC, R_PAD, BKF)
+        b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, 0, BQ, 1, BKF)
         if GATED:
-            b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
-            b_Gq = tl.load(Gtok + bh64 * NT * BC + i_c * BC + o_q, mask=o_q < BC, other=0.0)
-            g_end = tl.load(Gtok + bh64 * NT * BC + i_c * BC + BC - 1)
+            b_G, b_Gq, g_end = _gates(Gtok, bh64, i_c, NT, BC, BT, BQ, R_PAD)
             b_k = (b_k.to(tl.float32) * tl.exp(g_end - b_G)[:, None]).to(DT)
             b_q = (b_q.to(tl.float32) * (scale * tl.exp(b_Gq))[:, None]).to(DT)
         else:
+            b_k = b_k.to(DT)
             b_q = (b_q.to(tl.float32) * scale).to(DT)
-        p_dvn = dVn + (base + o_i)[:, None] * V + o_v[None, :]
-        b_dvn = tl.load(p_dvn, mask=mv[None, :], other=0.0) + tl.dot(b_k, b_dh.to(DT))
-        tl.store(p_dvn, b_dvn, mask=mv[None, :])
-        b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :], other=0.0)
-        b_w = tl.load(W + (base + o_i)[:, None] * K + o_kf[None, :], mask=mk[None, :], other=0.0).to(DT)
+        b_dvn = load_mat(dVn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV).to(tl.float32)
+        b_dvn += tl.dot(b_k, b_dh.to(DT))
+        store_mat(dVn, b_dvn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV)
+        b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, v0, BQ, 1, BV).to(DT)
+        b_w = load_mat(W, bh64 * NT * BT * K, NT * BT, K, i_c * BT, 0, BT, BKF).to(DT)
         if GATED:
             b_dh = b_dh * tl.exp(g_end)
-        b_dh += tl.dot(tl.trans(b_q), b_do.to(DT)) - tl.dot(tl.trans(b_w), b_dvn.to(DT))
+        b_dh += tl.dot(tl.trans(b_q), b_do) - tl.dot(tl.trans(b_w), b_dvn.to(DT))
     if STORE_DH0:
-        tl.store(dh0 + bh64 * K * V + p_state, b_dh, mask=m_kv)
+        store_mat(dh0, b_dh, bh64 * K * V, K, V, 0, v0, BKF, BV)
 
 
 @triton.jit
 def chunk_flow_grads_bwd_kernel(
     q, k, v, beta, Gtok, W, U, Ainv, h, dh, Vn, dVn, do,
     dq, dk, dv, dbeta, dG_row, dG_q, scale,
-    T, H, R, K, V, NT,
+    T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PRODUCT: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
 ):
@@ -126,65 +111,58 @@ def chunk_flow_grads_bwd_kernel(
     o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
     row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
     o_q = tl.arange(0, BQ)
-    q_ok = (o_q < BC) & (i_c * BC + o_q < T)
-    q_row = (i_b.to(tl.int64) * T + i_c * BC + o_q) * H + i_h
-    base = (bh64 * NT + i_c) * BT
+    t0 = i_c * BC
+    t_q = tl.minimum(T, t0 + BC)
+    r0 = i_c * BT
+    bK = bh64 * NT * BT * K  # bases of the [B·H, NT·BT, ·] intermediates
+    bV = bh64 * NT * BT * V
     sbase = (bh64 * NT + i_c) * K * V
 
     b_beta = tl.load(beta + row, mask=ok, other=0.0).to(tl.float32)
-    vis = (tok[None, :] <= o_q[:, None]) & q_ok[:, None]
+    vis = (tok[None, :] <= o_q[:, None]) & (o_q < BC)[:, None]
     if PRODUCT:
         coup = o_i[:, None] > o_i[None, :]
     else:
         coup = tok[:, None] > tok[None, :]
-    b_Ai = tl.load(Ainv + (base + o_i)[:, None] * BT + o_i[None, :]).to(DT)
+    b_Ai = load_mat(Ainv, bh64 * NT * BT * BT, NT * BT, BT, r0, 0, BT, BT).to(DT)
 
     # pass over V: Dp = dO Vnᵀ, dVβ = Ainvᵀ dVn (-> dv, dβ), dA -= dVβ Uᵀ
     b_Dp = tl.zeros([BQ, BT], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        mv = o_v < V
-        p_rv = (base + o_i)[:, None] * V + o_v[None, :]
-        b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :], other=0.0).to(DT)
-        b_vn = tl.load(Vn + p_rv, mask=mv[None, :], other=0.0).to(DT)
-        b_dvn = tl.load(dVn + p_rv, mask=mv[None, :], other=0.0).to(DT)
-        b_u = tl.load(U + p_rv, mask=mv[None, :], other=0.0).to(DT)
-        b_v = tl.load(v + row[:, None] * V + o_v[None, :], mask=ok[:, None] & mv[None, :], other=0.0)
+        v0 = i_v * BV
+        b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, v0, BQ, 1, BV).to(DT)
+        b_vn = load_mat(Vn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
+        b_dvn = load_mat(dVn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
+        b_u = load_mat(U, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
+        b_v = load_rows(v, i_b, i_h, t0, T, T, H, R, V, v0, BC, R_PAD, BV)
         b_Dp += tl.dot(b_do, tl.trans(b_vn))
         b_dvb = tl.dot(tl.trans(b_Ai), b_dvn)
         b_dA -= tl.dot(b_dvb.to(DT), tl.trans(b_u))
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
-        tl.store(dv + row[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
-                 mask=ok[:, None] & mv[None, :])
+        store_rows(dv, b_dvb * b_beta[:, None], i_b, i_h, t0, T, T, H, R, V, v0, BC, R_PAD, BV)
 
     # first pass over K: scores QKᵀ, Gram KKᵀ, dA -= dKβ Wᵀ with dKβ = Ainvᵀ(−dVn Sᵀ)
     b_s = tl.zeros([BQ, BT], dtype=tl.float32)
     b_gram = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mk = o_k < K
-        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(DT)
-        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
-        b_w = tl.load(W + (base + o_i)[:, None] * K + o_k[None, :], mask=mk[None, :], other=0.0).to(DT)
+        k0 = i_k * BK
+        b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, k0, BQ, 1, BK).to(DT)
+        b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, k0, BC, R_PAD, BK).to(DT)
+        b_w = load_mat(W, bK, NT * BT, K, r0, k0, BT, BK).to(DT)
         b_s += tl.dot(b_q, tl.trans(b_k))
         b_gram += tl.dot(b_k, tl.trans(b_k))
         b_dW = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            mv = o_v < V
-            b_dvn = tl.load(dVn + (base + o_i)[:, None] * V + o_v[None, :], mask=mv[None, :], other=0.0).to(DT)
-            b_h = tl.load(h + sbase + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :],
-                          other=0.0).to(DT)
+            b_dvn = load_mat(dVn, bV, NT * BT, V, r0, i_v * BV, BT, BV).to(DT)
+            b_h = load_mat(h, sbase, K, V, k0, i_v * BV, BK, BV).to(DT)
             b_dW -= tl.dot(b_dvn, tl.trans(b_h))
         b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(DT))
         b_dA -= tl.dot(b_dkb.to(DT), tl.trans(b_w))
 
     if GATED:
-        b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
-        b_Gq = tl.load(Gtok + bh64 * NT * BC + i_c * BC + o_q, mask=o_q < BC, other=0.0)
-        g_end = tl.load(Gtok + bh64 * NT * BC + i_c * BC + BC - 1)
+        b_G, b_Gq, g_end = _gates(Gtok, bh64, i_c, NT, BC, BT, BQ, R_PAD)
         dec_q = tl.where(vis, tl.exp(tl.where(vis, b_Gq[:, None] - b_G[None, :], 0.0)), 0.0)
         dec_a = tl.where(coup, tl.exp(tl.where(coup, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
         b_gam = tl.exp(b_G)
@@ -212,24 +190,19 @@ def chunk_flow_grads_bwd_kernel(
 
     # second pass over K: dq, dk (every term), the K parts of dβ and dG
     for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mk = o_k < K
-        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(DT)
-        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
+        k0 = i_k * BK
+        b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, k0, BQ, 1, BK).to(DT)
+        b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, k0, BC, R_PAD, BK).to(DT)
         b_dW = tl.zeros([BT, BK], dtype=tl.float32)
         b_dqi = tl.zeros([BQ, BK], dtype=tl.float32)
         b_kds = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            mv = o_v < V
-            p_rv = (base + o_i)[:, None] * V + o_v[None, :]
-            p_s = sbase + o_k[:, None] * V + o_v[None, :]
-            b_h = tl.load(h + p_s, mask=mk[:, None] & mv[None, :], other=0.0).to(DT)
-            b_dhc = tl.load(dh + p_s, mask=mk[:, None] & mv[None, :], other=0.0).to(DT)
-            b_do = tl.load(do + q_row[:, None] * V + o_v[None, :], mask=q_ok[:, None] & mv[None, :],
-                           other=0.0).to(DT)
-            b_vn = tl.load(Vn + p_rv, mask=mv[None, :], other=0.0).to(DT)
-            b_dvn = tl.load(dVn + p_rv, mask=mv[None, :], other=0.0).to(DT)
+            v0 = i_v * BV
+            b_h = load_mat(h, sbase, K, V, k0, v0, BK, BV).to(DT)
+            b_dhc = load_mat(dh, sbase, K, V, k0, v0, BK, BV).to(DT)
+            b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, v0, BQ, 1, BV).to(DT)
+            b_vn = load_mat(Vn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
+            b_dvn = load_mat(dVn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
             b_dW -= tl.dot(b_dvn, tl.trans(b_h))
             b_dqi += tl.dot(b_do, tl.trans(b_h))
             b_kds += tl.dot(b_vn, tl.trans(b_dhc))
@@ -247,8 +220,8 @@ def chunk_flow_grads_bwd_kernel(
             b_dGr += b_dkk * b_beta * b_gam - b_t2
             b_end += tl.sum(b_t2, 0)
             b_dGq += b_gq * scale * tl.sum(b_q.to(tl.float32) * b_dqi, 1)
-        tl.store(dq + q_row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=q_ok[:, None] & mk[None, :])
-        tl.store(dk + row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=ok[:, None] & mk[None, :])
+        store_rows(dq, b_dq, i_b, i_h, t0, t_q, T, H, 1, K, k0, BQ, 1, BK)
+        store_rows(dk, b_dk, i_b, i_h, t0, T, T, H, R, K, k0, BC, R_PAD, BK)
     tl.store(dbeta + row, b_db.to(dbeta.dtype.element_ty), mask=ok)
     if GATED:
         b_dGq += tl.where(o_q == BC - 1, b_end, 0.0)

@@ -23,7 +23,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .chunk_io import load_mat, load_rows, store_mat, store_rows
+
 __all__ = ["chunk_flow_output_fwd_kernel", "chunk_flow_state_fwd_kernel"]
+
+# Intermediates are contiguous per (b·h): W [B·H, NT·BT, K], U / Vn [B·H, NT·BT, V], Ainv [B·H, NT·BT, BT],
+# chunk-start states h [B·H·NT, K, V]; tiles are read through block pointers (chunk_io.py).
 
 
 @triton.jit
@@ -44,79 +49,74 @@ def _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC: tl.constexpr):
 
 
 @triton.jit
+def _gates(Gtok, bh64, i_c, NT, BC: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr):
+    """Cumulative log-decay of the chunk's rows [BT], query slots [BQ] (0 past BC) and its end value."""
+    base = Gtok + bh64 * NT * BC + i_c * BC
+    o_q = tl.arange(0, BQ)
+    b_G = tl.load(base + tl.arange(0, BT) // R_PAD)
+    b_Gq = tl.load(base + o_q, mask=o_q < BC, other=0.0)
+    g_end = tl.load(base + BC - 1)
+    return b_G, b_Gq, g_end
+
+
+@triton.jit
 def chunk_flow_state_fwd_kernel(
     k, W, U, Gtok, h0, h, Vn, hT,
-    T, H, R, K, V, NT,
+    T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
     GATED: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    o_kf = tl.arange(0, BKF)
-    o_v = i_v * BV + tl.arange(0, BV)
-    mk, mv = o_kf < K, o_v < V
-    m_kv = mk[:, None] & mv[None, :]
     bh64 = i_bh.to(tl.int64)
-    p_state = o_kf[:, None] * V + o_v[None, :]
+    v0 = i_v * BV
     b_h = tl.zeros([BKF, BV], dtype=tl.float32)
     if USE_H0:
-        b_h += tl.load(h0 + bh64 * K * V + p_state, mask=m_kv, other=0.0).to(tl.float32)
+        b_h += load_mat(h0, bh64 * K * V, K, V, 0, v0, BKF, BV).to(tl.float32)
     for i_c in range(NT):
-        o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
-        row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
-        base = (bh64 * NT + i_c) * BT
-        tl.store(h + (bh64 * NT + i_c) * K * V + p_state, b_h.to(h.dtype.element_ty), mask=m_kv)
-        b_w = tl.load(W + (base + o_i)[:, None] * K + o_kf[None, :], mask=mk[None, :], other=0.0).to(DT)
-        b_u = tl.load(U + (base + o_i)[:, None] * V + o_v[None, :], mask=mv[None, :], other=0.0)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(DT))
-        tl.store(Vn + (base + o_i)[:, None] * V + o_v[None, :], b_vn.to(Vn.dtype.element_ty), mask=mv[None, :])
-        b_k = tl.load(k + row[:, None] * K + o_kf[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
+        store_mat(h, b_h, (bh64 * NT + i_c) * K * V, K, V, 0, v0, BKF, BV)
+        b_w = load_mat(W, bh64 * NT * BT * K, NT * BT, K, i_c * BT, 0, BT, BKF).to(DT)
+        b_u = load_mat(U, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV).to(tl.float32)
+        b_vn = b_u - tl.dot(b_w, b_h.to(DT))
+        store_mat(Vn, b_vn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV)
+        b_k = load_rows(k, i_b, i_h, i_c * BC, T, T, H, R, K, 0, BC, R_PAD, BKF)
         if GATED:
-            b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
-            g_end = tl.load(Gtok + bh64 * NT * BC + i_c * BC + BC - 1)
+            b_G, _, g_end = _gates(Gtok, bh64, i_c, NT, BC, BT, 16, R_PAD)
             b_k = (b_k.to(tl.float32) * tl.exp(g_end - b_G)[:, None]).to(DT)
             b_h = b_h * tl.exp(g_end)
-        b_h += tl.dot(tl.trans(b_k), b_vn.to(DT))
+        b_h += tl.dot(tl.trans(b_k.to(DT)), b_vn.to(DT))
     if STORE_HT:
-        tl.store(hT + bh64 * K * V + p_state, b_h.to(hT.dtype.element_ty), mask=m_kv)
+        store_mat(hT, b_h, bh64 * K * V, K, V, 0, v0, BKF, BV)
 
 
 @triton.jit
 def chunk_flow_output_fwd_kernel(
     q, k, Vn, h, Gtok, o, scale,
-    T, H, R, K, V, NT,
+    T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bh64 = i_bh.to(tl.int64)
-    o_i, tok, rr, ok = _rows(i_c, T, R, BC, BT, R_PAD)
-    row = _row_offsets(i_b, i_h, i_c, tok, rr, T, H, R, BC)
-    o_q = tl.arange(0, BQ)
-    q_ok = (o_q < BC) & (i_c * BC + o_q < T)
-    q_row = (i_b.to(tl.int64) * T + i_c * BC + o_q) * H + i_h
-    o_v = i_v * BV + tl.arange(0, BV)
-    mv = o_v < V
-
+    t0 = i_c * BC
+    t_q = tl.minimum(T, t0 + BC)  # query rows past the chunk (BQ > BC) read as zeros and are not written
+    v0 = i_v * BV
     b_o = tl.zeros([BQ, BV], dtype=tl.float32)
     b_s = tl.zeros([BQ, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mk = o_k < K
-        b_q = tl.load(q + q_row[:, None] * K + o_k[None, :], mask=q_ok[:, None] & mk[None, :], other=0.0).to(DT)
-        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=ok[:, None] & mk[None, :], other=0.0).to(DT)
-        b_hk = tl.load(h + (bh64 * NT + i_c) * K * V + o_k[:, None] * V + o_v[None, :],
-                       mask=mk[:, None] & mv[None, :], other=0.0)
-        b_o += tl.dot(b_q, b_hk.to(DT))
+        b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, i_k * BK, BQ, 1, BK).to(DT)
+        b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
+        b_hk = load_mat(h, (bh64 * NT + i_c) * K * V, K, V, i_k * BK, v0, BK, BV).to(DT)
+        b_o += tl.dot(b_q, b_hk)
         b_s += tl.dot(b_q, tl.trans(b_k))
-    vis = (tok[None, :] <= o_q[:, None]) & q_ok[:, None]
+    o_q = tl.arange(0, BQ)
+    vis = (tl.arange(0, BT) // R_PAD)[None, :] <= o_q[:, None]
     if GATED:
-        b_Gq = tl.load(Gtok + bh64 * NT * BC + i_c * BC + o_q, mask=o_q < BC, other=0.0)
-        b_G = tl.load(Gtok + bh64 * NT * BC + i_c * BC + tok)
+        b_G, b_Gq, _ = _gates(Gtok, bh64, i_c, NT, BC, BT, BQ, R_PAD)
         b_o = b_o * tl.exp(b_Gq)[:, None]
         b_s = b_s * tl.exp(tl.where(vis, b_Gq[:, None] - b_G[None, :], 0.0))
     b_s = tl.where(vis, b_s, 0.0)
-    b_vn = tl.load(Vn + ((bh64 * NT + i_c) * BT + o_i)[:, None] * V + o_v[None, :], mask=mv[None, :], other=0.0)
-    b_o = (b_o + tl.dot(b_s.to(DT), b_vn.to(DT))) * scale
-    tl.store(o + q_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=q_ok[:, None] & mv[None, :])
+    b_vn = load_mat(Vn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV).to(DT)
+    b_o = (b_o + tl.dot(b_s.to(DT), b_vn)) * scale
+    store_rows(o, b_o, i_b, i_h, t0, t_q, T, H, 1, V, v0, BQ, 1, BV)

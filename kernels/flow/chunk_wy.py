@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import _row_offsets
+from .chunk_io import load_rows, store_mat
 
 __all__ = ["chunk_flow_wy_fwd_kernel"]
 
@@ -76,19 +77,23 @@ def _mm(a, b):
 
 
 @triton.jit
-def _ld(x, row, ok, o_d, D):
-    return tl.load(x + row[:, None] * D + o_d[None, :], mask=ok[:, None] & (o_d < D)[None, :], other=0.0)
+def _ld(x, i_b, i_h, i_c, blk: tl.constexpr, T, H, R, D, d0, BC: tl.constexpr, R_PAD: tl.constexpr,
+        BD: tl.constexpr):
+    """Rows of 16-row block ``blk`` (16 // R_PAD tokens), columns [d0, d0 + BD)."""
+    NTOK: tl.constexpr = 16 // R_PAD
+    return load_rows(x, i_b, i_h, i_c * BC + blk * NTOK, T, T, H, R, D, d0, NTOK, R_PAD, BD)
 
 
 @triton.jit
-def _st(x, base, o, o_d, D, val):
-    tl.store(x + (base + o)[:, None] * D + o_d[None, :], val.to(x.dtype.element_ty), mask=(o_d < D)[None, :])
+def _st(x, val, bh64, i_c, blk: tl.constexpr, NT, n_cols, c0, BT: tl.constexpr, BD: tl.constexpr):
+    """Rows of 16-row block ``blk`` of the chunk in an intermediate [B·H, NT·BT, n_cols]."""
+    store_mat(x, val, bh64 * NT * BT * n_cols, NT * BT, n_cols, i_c * BT + blk * 16, c0, 16, BD)
 
 
 @triton.jit
 def chunk_flow_wy_fwd_kernel(
     k, v, beta, Gtok, W, U, Ainv,
-    T, H, R, K, V, NT,
+    T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRODUCT: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
 ):
@@ -114,16 +119,15 @@ def chunk_flow_wy_fwd_kernel(
 
     # Gram blocks K_i K_jᵀ (lower triangle of blocks)
     for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        k0 = _ld(k, row0, ok0, o_k, K).to(DT)
+        k0 = _ld(k, i_b, i_h, i_c, 0, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
         g00 += tl.dot(k0, tl.trans(k0))
         if NB >= 2:
-            k1 = _ld(k, row1, ok1, o_k, K).to(DT)
+            k1 = _ld(k, i_b, i_h, i_c, 1, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
             g10 += tl.dot(k1, tl.trans(k0))
             g11 += tl.dot(k1, tl.trans(k1))
         if NB == 4:
-            k2 = _ld(k, row2, ok2, o_k, K).to(DT)
-            k3 = _ld(k, row3, ok3, o_k, K).to(DT)
+            k2 = _ld(k, i_b, i_h, i_c, 2, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
+            k3 = _ld(k, i_b, i_h, i_c, 3, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
             g20 += tl.dot(k2, tl.trans(k0))
             g21 += tl.dot(k2, tl.trans(k1))
             g22 += tl.dot(k2, tl.trans(k2))
@@ -153,27 +157,26 @@ def chunk_flow_wy_fwd_kernel(
         x30 = -_mm(x33, _mm(a30, x00) + _mm(a31, x10) + _mm(a32, x20))
 
     # store Ainv (zeros above the block diagonal: the buffer is uninitialised)
-    base = (i_bh.to(tl.int64) * NT + i_c) * BT
-    o16 = tl.arange(0, 16)
+    bh64 = i_bh.to(tl.int64)
     z = tl.zeros([16, 16], dtype=tl.float32)
-    _st(Ainv, base, o0, 0 * 16 + o16, BT, x00)
+    _st(Ainv, x00, bh64, i_c, 0, NT, BT, 0 * 16, BT, 16)
     if NB >= 2:
-        _st(Ainv, base, o0, 1 * 16 + o16, BT, z)
-        _st(Ainv, base, o1, 0 * 16 + o16, BT, x10)
-        _st(Ainv, base, o1, 1 * 16 + o16, BT, x11)
+        _st(Ainv, z, bh64, i_c, 0, NT, BT, 1 * 16, BT, 16)
+        _st(Ainv, x10, bh64, i_c, 1, NT, BT, 0 * 16, BT, 16)
+        _st(Ainv, x11, bh64, i_c, 1, NT, BT, 1 * 16, BT, 16)
     if NB == 4:
-        _st(Ainv, base, o0, 2 * 16 + o16, BT, z)
-        _st(Ainv, base, o0, 3 * 16 + o16, BT, z)
-        _st(Ainv, base, o1, 2 * 16 + o16, BT, z)
-        _st(Ainv, base, o1, 3 * 16 + o16, BT, z)
-        _st(Ainv, base, o2, 0 * 16 + o16, BT, x20)
-        _st(Ainv, base, o2, 1 * 16 + o16, BT, x21)
-        _st(Ainv, base, o2, 2 * 16 + o16, BT, x22)
-        _st(Ainv, base, o2, 3 * 16 + o16, BT, z)
-        _st(Ainv, base, o3, 0 * 16 + o16, BT, x30)
-        _st(Ainv, base, o3, 1 * 16 + o16, BT, x31)
-        _st(Ainv, base, o3, 2 * 16 + o16, BT, x32)
-        _st(Ainv, base, o3, 3 * 16 + o16, BT, x33)
+        _st(Ainv, z, bh64, i_c, 0, NT, BT, 2 * 16, BT, 16)
+        _st(Ainv, z, bh64, i_c, 0, NT, BT, 3 * 16, BT, 16)
+        _st(Ainv, z, bh64, i_c, 1, NT, BT, 2 * 16, BT, 16)
+        _st(Ainv, z, bh64, i_c, 1, NT, BT, 3 * 16, BT, 16)
+        _st(Ainv, x20, bh64, i_c, 2, NT, BT, 0 * 16, BT, 16)
+        _st(Ainv, x21, bh64, i_c, 2, NT, BT, 1 * 16, BT, 16)
+        _st(Ainv, x22, bh64, i_c, 2, NT, BT, 2 * 16, BT, 16)
+        _st(Ainv, z, bh64, i_c, 2, NT, BT, 3 * 16, BT, 16)
+        _st(Ainv, x30, bh64, i_c, 3, NT, BT, 0 * 16, BT, 16)
+        _st(Ainv, x31, bh64, i_c, 3, NT, BT, 1 * 16, BT, 16)
+        _st(Ainv, x32, bh64, i_c, 3, NT, BT, 2 * 16, BT, 16)
+        _st(Ainv, x33, bh64, i_c, 3, NT, BT, 3 * 16, BT, 16)
 
     # W = Ainv (β e^G K), U = Ainv (β V), by row blocks
     c0 = (be0 * tl.exp(G0))[:, None]
@@ -187,26 +190,26 @@ def chunk_flow_wy_fwd_kernel(
         y20, y21, y22 = x20.to(DT), x21.to(DT), x22.to(DT)
         y30, y31, y32, y33 = x30.to(DT), x31.to(DT), x32.to(DT), x33.to(DT)
     for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        k0 = (_ld(k, row0, ok0, o_k, K).to(tl.float32) * c0).to(DT)
-        _st(W, base, o0, o_k, K, tl.dot(y00, k0))
+        k0 = (_ld(k, i_b, i_h, i_c, 0, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(tl.float32) * c0).to(DT)
+        _st(W, tl.dot(y00, k0), bh64, i_c, 0, NT, K, i_k * BK, BT, BK)
         if NB >= 2:
-            k1 = (_ld(k, row1, ok1, o_k, K).to(tl.float32) * c1).to(DT)
-            _st(W, base, o1, o_k, K, tl.dot(y10, k0) + tl.dot(y11, k1))
+            k1 = (_ld(k, i_b, i_h, i_c, 1, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(tl.float32) * c1).to(DT)
+            _st(W, tl.dot(y10, k0) + tl.dot(y11, k1), bh64, i_c, 1, NT, K, i_k * BK, BT, BK)
         if NB == 4:
-            k2 = (_ld(k, row2, ok2, o_k, K).to(tl.float32) * c2).to(DT)
-            k3 = (_ld(k, row3, ok3, o_k, K).to(tl.float32) * c3).to(DT)
-            _st(W, base, o2, o_k, K, tl.dot(y20, k0) + tl.dot(y21, k1) + tl.dot(y22, k2))
-            _st(W, base, o3, o_k, K, tl.dot(y30, k0) + tl.dot(y31, k1) + tl.dot(y32, k2) + tl.dot(y33, k3))
+            k2 = (_ld(k, i_b, i_h, i_c, 2, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(tl.float32) * c2).to(DT)
+            k3 = (_ld(k, i_b, i_h, i_c, 3, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(tl.float32) * c3).to(DT)
+            _st(W, tl.dot(y20, k0) + tl.dot(y21, k1) + tl.dot(y22, k2), bh64, i_c, 2, NT, K, i_k * BK, BT, BK)
+            w3 = tl.dot(y30, k0) + tl.dot(y31, k1) + tl.dot(y32, k2) + tl.dot(y33, k3)
+            _st(W, w3, bh64, i_c, 3, NT, K, i_k * BK, BT, BK)
     for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        v0 = (_ld(v, row0, ok0, o_v, V).to(tl.float32) * be0[:, None]).to(DT)
-        _st(U, base, o0, o_v, V, tl.dot(y00, v0))
+        v0 = (_ld(v, i_b, i_h, i_c, 0, T, H, R, V, i_v * BV, BC, R_PAD, BV).to(tl.float32) * be0[:, None]).to(DT)
+        _st(U, tl.dot(y00, v0), bh64, i_c, 0, NT, V, i_v * BV, BT, BV)
         if NB >= 2:
-            v1 = (_ld(v, row1, ok1, o_v, V).to(tl.float32) * be1[:, None]).to(DT)
-            _st(U, base, o1, o_v, V, tl.dot(y10, v0) + tl.dot(y11, v1))
+            v1 = (_ld(v, i_b, i_h, i_c, 1, T, H, R, V, i_v * BV, BC, R_PAD, BV).to(tl.float32) * be1[:, None]).to(DT)
+            _st(U, tl.dot(y10, v0) + tl.dot(y11, v1), bh64, i_c, 1, NT, V, i_v * BV, BT, BV)
         if NB == 4:
-            v2 = (_ld(v, row2, ok2, o_v, V).to(tl.float32) * be2[:, None]).to(DT)
-            v3 = (_ld(v, row3, ok3, o_v, V).to(tl.float32) * be3[:, None]).to(DT)
-            _st(U, base, o2, o_v, V, tl.dot(y20, v0) + tl.dot(y21, v1) + tl.dot(y22, v2))
-            _st(U, base, o3, o_v, V, tl.dot(y30, v0) + tl.dot(y31, v1) + tl.dot(y32, v2) + tl.dot(y33, v3))
+            v2 = (_ld(v, i_b, i_h, i_c, 2, T, H, R, V, i_v * BV, BC, R_PAD, BV).to(tl.float32) * be2[:, None]).to(DT)
+            v3 = (_ld(v, i_b, i_h, i_c, 3, T, H, R, V, i_v * BV, BC, R_PAD, BV).to(tl.float32) * be3[:, None]).to(DT)
+            _st(U, tl.dot(y20, v0) + tl.dot(y21, v1) + tl.dot(y22, v2), bh64, i_c, 2, NT, V, i_v * BV, BT, BV)
+            u3 = tl.dot(y30, v0) + tl.dot(y31, v1) + tl.dot(y32, v2) + tl.dot(y33, v3)
+            _st(U, u3, bh64, i_c, 3, NT, V, i_v * BV, BT, BV)

@@ -215,12 +215,93 @@ def check(B=4, T=8192, H=16, D=128, dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
+SWEEP = [f"bk={bk},bv={bk},bvs={bk}," + ",".join(f"nw_{n}={nw},ns_{n}={ns}" for n in
+                                                  ("wy", "state", "out", "dvl", "sbwd", "grads"))
+         for bk in (64, 32) for nw in (4, 8) for ns in (1, 3)]
+
+
+def warm(cfg: str) -> None:
+    """Compile the kernels of one tiling config (FLOW_CFG) on a small input with the sweep's constexprs."""
+    import os  # noqa: PLC0415
+
+    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
+
+    os.environ["FLOW_CFG"] = cfg
+    for gated in (False, True):
+        x = {n: t.requires_grad_(True) for n, t in _fwd_bwd_inputs(1, 256, 16, 128, torch.bfloat16, 1, gated).items()}
+        o, _ = chunk_flow(**x)
+        o.sum().backward()
+    torch.cuda.synchronize()
+
+
+def sweep(gated: bool = False) -> list[dict]:
+    """Per-kernel CUDA time (torch profiler) of fwd+bwd at B4 T8192 H16 D128 bf16 for every config in SWEEP."""
+    import os  # noqa: PLC0415
+
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
+
+    x = {n: t.requires_grad_(True) for n, t in _fwd_bwd_inputs(4, 8192, 16, 128, torch.bfloat16, 1, gated).items()}
+    rows = []
+    for cfg in SWEEP:
+        os.environ["FLOW_CFG"] = cfg
+        row = {"what": "sweep", "cfg": cfg, "gated": gated}
+        try:
+            for _ in range(2):
+                o, _ = chunk_flow(**x)
+                o.backward(torch.ones_like(o))
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    o, _ = chunk_flow(**x)
+                    o.backward(torch.ones_like(o))
+                torch.cuda.synchronize()
+            row["kernels_us"] = {e.key: e.device_time_total / 3 for e in prof.key_averages()
+                                 if "chunk_flow" in e.key}
+        except Exception as e:  # a config that fails to compile or run is a result
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    os.environ.pop("FLOW_CFG", None)
+    return rows
+
+
+def _bench(cases: list[str], impls: list[str], out: str | None) -> None:
+    """``pflow-dist bench flow`` without the CLI's dependencies (for bare GPU images)."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from .harness import write_jsonl  # noqa: PLC0415
+    from .registry import run_bench  # noqa: PLC0415
+    from .report import format_row, print_table  # noqa: PLC0415
+
+    console = Console()
+
+    def on_row(r) -> None:  # rows land in the file as they come: a run cut short keeps what it measured
+        console.print(format_row(r), highlight=False)
+        if out:
+            write_jsonl([r], out)
+
+    rows = run_bench(BENCH, device=torch.device("cuda"), case_filter=cases, impl_filter=impls, on_row=on_row)
+    print_table(rows, console)
+
+
 def _main() -> None:
-    ap = argparse.ArgumentParser(description="Extra flow measurements on CUDA: full-size check, longest T.")
-    ap.add_argument("what", choices=["longest", "check"])
+    ap = argparse.ArgumentParser(description="Extra flow measurements on CUDA: full-size check, longest T, bench.")
+    ap.add_argument("what", choices=["longest", "check", "bench", "warm", "sweep"])
+    ap.add_argument("--cfg", default="")
+    ap.add_argument("--gated", action="store_true")
+    ap.add_argument("--case", action="append", default=[])
+    ap.add_argument("--impl", action="append", default=[])
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    rows = longest() if a.what == "longest" else check()
+    if a.what == "bench":
+        _bench(a.case, a.impl, a.out)
+        return
+    if a.what == "warm":
+        warm(a.cfg)
+        return
+    rows = {"longest": longest, "check": check, "sweep": lambda: sweep(a.gated)}[a.what]()
     if a.out:
         with open(a.out, "a") as f:
             for r in rows:
