@@ -23,8 +23,11 @@ Inputs = dict[str, torch.Tensor]
 
 # name -> (module defining BENCH, one-line description); modules are imported only when used.
 BENCHES: dict[str, tuple[str, str]] = {
-    "flow": ("pflow_dist.bench.flow", "delta rule / flow layer vs fla chunk_delta_rule and a plain-torch chunked form"),
-    "gru": ("pflow_dist.bench.gru", "GRU over long T: ours vs torch.nn.GRU (cuDNN on GPU)"),
+    "attention": ("pflow_dist.bench.attention", "sliding-window + global-token attention vs SDPA and FlexAttention"),
+    "deer": ("pflow_dist.bench.deer", "DEER GRU (parallel Newton over T) vs torch.nn.GRU (cuDNN) and the loop"),
+    "flow": ("pflow_dist.bench.flow", "flow layer (delta rule, gated, rank-R) vs fla and a plain-torch chunked form"),
+    "gru": ("pflow_dist.bench.gru", "GRU over long T: the sequential cell loop vs torch.nn.GRU (cuDNN on GPU)"),
+    "scan": ("pflow_dist.bench.scan", "diagonal affine scan vs a torch baseline and accelerated-scan; HBM copy"),
 }
 
 

@@ -2,10 +2,11 @@
 
 from .combine import incoming_state
 from .comm import all_gather_stack, group_rank_size, replicated
+from .sp_attention import sp_sparse_attention
 from .sharding import gather_sequence, shard_bounds, shard_sequence, zigzag_indices
 from .sp_ops import sp_flow, sp_scan
 
 __all__ = [
     "all_gather_stack", "gather_sequence", "group_rank_size", "incoming_state", "replicated", "shard_bounds",
-    "shard_sequence", "sp_flow", "sp_scan", "zigzag_indices",
+    "shard_sequence", "sp_flow", "sp_scan", "sp_sparse_attention", "zigzag_indices",
 ]

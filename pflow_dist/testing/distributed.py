@@ -8,6 +8,7 @@ that rank's traceback, and the other ranks are terminated instead of hanging in 
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -65,7 +66,8 @@ def _worker(
             out = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, "ok", out))
+        # plain pickle: tensors travel by value (torch's queue would pass shared memory that dies with this process)
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # report every failure, including SystemExit/KeyboardInterrupt in the child
         results.put((rank, "error", traceback.format_exc()))
 
@@ -81,7 +83,7 @@ def run_distributed(
     """Spawn ``world_size`` processes, init a process group in each, run ``fn(rank, world_size, *args)``.
 
     Args:
-        fn: a module-level (picklable) function; its return value must be picklable (move tensors to CPU).
+        fn: a module-level (picklable) function; its return value must be picklable (tensors are copied by value).
         world_size: number of ranks (2–4 on a small CPU box).
         backend: ``"gloo"`` on CPU, ``"nccl"`` on GPUs.
         timeout_s: wall-clock limit for the whole run.
@@ -137,7 +139,7 @@ def run_distributed(
                         grace_end = time.monotonic() + _ERROR_GRACE_S
                     errors[rank] = payload
                 else:
-                    outs[rank] = payload
+                    outs[rank] = pickle.loads(payload)
             if errors:
                 raise DistributedRunError(_describe(errors, world_size))
         finally:

@@ -67,3 +67,12 @@ def test_root_cause_is_reported_first():
               1: "Traceback ...\nValueError: bad shard on rank 1"}
     msg = _describe(errors, 2)
     assert msg.startswith("rank 1 of 2 failed:") and "(rank 0 also failed: RuntimeError: Connection reset" in msg
+
+
+def _return_tensor(rank: int, world: int):
+    return {"t": torch.full((3,), float(rank))}
+
+
+def test_tensors_come_back_by_value():
+    out = run_distributed(_return_tensor, 2)
+    assert [o["t"].tolist() for o in out] == [[0.0] * 3, [1.0] * 3]
