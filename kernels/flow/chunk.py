@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_bwd import chunk_flow_dvlocal_bwd_kernel, chunk_flow_grads_bwd_kernel, chunk_flow_state_bwd_kernel
-from .chunk_fwd import chunk_flow_output_fwd_kernel, chunk_flow_state_fwd_kernel
+from .chunk_bwd import chunk_flow_dvlocal_bwd_kernel, chunk_flow_grads_bwd_kernel
+from .chunk_fwd import chunk_flow_output_fwd_kernel
+from .chunk_scan import num_groups, state_bwd, state_fwd
 from .chunk_wy import chunk_flow_wy_fwd_kernel
 
 __all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "plan_chunks", "token_cumsum"]
@@ -20,9 +21,10 @@ __all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "plan_chunks", "toke
 ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles live in registers
 
 # Tiling knobs: bk / bv = K / V blocks of the parallel kernels (≤ 64), bvs = V block of the sequential state kernels,
-# nw_<kernel> / ns_<kernel> = num_warps / num_stages. FLOW_CFG="bk=32,nw_grads=8,..." overrides (tuning runs).
+# groups = chunk groups of the state passes (0: auto, chunk_scan.py), nw_<kernel> / ns_<kernel> = num_warps /
+# num_stages. FLOW_CFG="bk=32,nw_grads=8,..." overrides (tuning runs).
 _CFG = {
-    "bk": 64, "bv": 64, "bvs": 64,
+    "bk": 64, "bv": 64, "bvs": 64, "groups": 0,
     "nw_wy": 8, "nw_state": 4, "nw_out": 8, "nw_dvl": 8, "nw_sbwd": 8, "nw_grads": 8,
     "ns_wy": 2, "ns_state": 2, "ns_out": 2, "ns_dvl": 2, "ns_sbwd": 2, "ns_grads": 2,
 }
@@ -115,15 +117,10 @@ def _wy_state(k, v, beta, G, h0, p: ChunkPlan, store_ht: bool, inter_dtype):
     )
     h = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter_dtype)
     Vn = torch.empty(rows, p.V, device=dev, dtype=inter_dtype)
-    hT = torch.empty(p.B, p.H, p.K, p.V, device=dev, dtype=torch.float32) if store_ht else None
-    chunk_flow_state_fwd_kernel[(triton.cdiv(p.V, p.BVS), p.B * p.H)](
-        k, W, U, Gp, h0 if h0 is not None else W, h, Vn, hT if store_ht else W,
-        p.T, p.NT,
-        H=p.H, R=p.R, K=p.K, V=p.V,
-        BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated, USE_H0=h0 is not None,
-        STORE_HT=store_ht, DT=dot_dtype(k),
-        **_launch("state", k),
-    )
+    consts = dict(H=p.H, R=p.R, K=p.K, V=p.V, BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated,
+                  DT=dot_dtype(k))
+    P = num_groups(p, dev, _cfg("groups"))
+    hT = state_fwd(k, W, U, Gp, h0, h, Vn, p, P, store_ht, _launch("state", k), consts)
     return W, U, Ainv, h, Vn, hT
 
 
@@ -181,15 +178,10 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
         **_launch("dvl", k),
     )
     dh = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter)
-    dh0 = torch.empty(p.B, p.H, p.K, p.V, device=dev, dtype=torch.float32) if need_dh0 else None
-    chunk_flow_state_bwd_kernel[(triton.cdiv(p.V, p.BVS), p.B * p.H)](
-        q, k, W, do, Gp, dht if dht is not None else W, dh, dVn, dh0 if need_dh0 else W, scale,
-        p.T, p.NT,
-        H=p.H, R=p.R, K=p.K, V=p.V,
-        BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated, USE_DHT=dht is not None,
-        STORE_DH0=need_dh0, DT=dot_dtype(q),
-        **_launch("sbwd", k),
-    )
+    consts = dict(H=p.H, R=p.R, K=p.K, V=p.V, BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS,
+                  GATED=gated, DT=dot_dtype(q))
+    P = num_groups(p, dev, _cfg("groups"))
+    dh0 = state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P, need_dh0, _launch("sbwd", k), consts)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

@@ -60,22 +60,37 @@ def chunk_flow_dvlocal_bwd_kernel(
 @triton.jit
 def chunk_flow_state_bwd_kernel(
     q, k, W, do, Gtok, dht, dh, dVn, dh0, scale,
-    T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    T, NT, L, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BKF: tl.constexpr,
-    BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DT: tl.constexpr,
+    BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, MAP: tl.constexpr,
+    DT: tl.constexpr,
 ):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    # reverse over chunks [i_g·L, min(NT, i_g·L + L)) from the group's end gradient dht[(b·H + h)·P + g].
+    # dS_start = Φ dS_end + E with Φ = e^{G_end} I − Wᵀ diag(κ) K per chunk, E = (e^G qs)ᵀ dO − Wᵀ dVn_local.
+    # MAP: the tile is [Φ | E] over the group (K + V columns, from [I | 0]); dh and dVn are not stored.
+    i_v, i_bh, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    P = tl.num_programs(2)
     i_b, i_h = i_bh // H, i_bh % H
     bh64 = i_bh.to(tl.int64)
-    v0 = i_v * BV
-    b_dh = tl.zeros([BKF, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += load_mat(dht, bh64 * K * V, K, V, 0, v0, BKF, BV).to(tl.float32)
-    for i_r in range(NT):
-        i_c = NT - 1 - i_r
+    VW: tl.constexpr = K + V if MAP else V
+    c0 = i_v * BV
+    o_k = tl.arange(0, BKF)
+    o_c = c0 + tl.arange(0, BV)
+    m_inh = ((o_c >= K) & (o_c < K + V))[None, :]  # MAP: columns carrying the inhomogeneous part
+    if MAP:
+        b_dh = ((o_k[:, None] == o_c[None, :]) & (o_k < K)[:, None]).to(tl.float32)
+    else:
+        b_dh = tl.zeros([BKF, BV], dtype=tl.float32)
+        if USE_DHT:
+            b_dh += load_mat(dht, (bh64 * P + i_g) * K * V, K, V, 0, c0, BKF, BV).to(tl.float32)
+    c_lo = i_g * L
+    c_hi = tl.minimum(NT, c_lo + L)
+    for i_r in range(c_hi - c_lo):
+        i_c = c_hi - 1 - i_r
         t0 = i_c * BC
         t_q = tl.minimum(T, t0 + BC)
-        store_mat(dh, b_dh, (bh64 * NT + i_c) * K * V, K, V, 0, v0, BKF, BV)
+        if not MAP:
+            store_mat(dh, b_dh, (bh64 * NT + i_c) * K * V, K, V, 0, c0, BKF, BV)
         b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, 0, BC, R_PAD, BKF)
         b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, 0, BQ, 1, BKF)
         if GATED:
@@ -85,16 +100,23 @@ def chunk_flow_state_bwd_kernel(
         else:
             b_k = b_k.to(DT)
             b_q = (b_q.to(tl.float32) * scale).to(DT)
-        b_dvn = load_mat(dVn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV).to(tl.float32)
-        b_dvn += tl.dot(b_k, b_dh.to(DT))
-        store_mat(dVn, b_dvn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV)
-        b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, v0, BQ, 1, BV).to(DT)
+        if MAP:
+            p_rv = (bh64 * NT * BT + i_c * BT) * V + (tl.arange(0, BT) * V)[:, None] + (o_c - K)[None, :]
+            b_dvn = tl.load(dVn + p_rv, mask=m_inh, other=0.0).to(tl.float32) + tl.dot(b_k, b_dh.to(DT))
+            p_do = do + ((i_b.to(tl.int64) * T + t0) * H + i_h) * V
+            p_do += (tl.arange(0, BQ) * (H * V))[:, None] + (o_c - K)[None, :]
+            b_do = tl.load(p_do, mask=(t0 + tl.arange(0, BQ) < t_q)[:, None] & m_inh, other=0.0).to(DT)
+        else:
+            b_dvn = load_mat(dVn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV).to(tl.float32)
+            b_dvn += tl.dot(b_k, b_dh.to(DT))
+            store_mat(dVn, b_dvn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV)
+            b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, c0, BQ, 1, BV).to(DT)
         b_w = load_mat(W, bh64 * NT * BT * K, NT * BT, K, i_c * BT, 0, BT, BKF).to(DT)
         if GATED:
             b_dh = b_dh * tl.exp(g_end)
         b_dh += tl.dot(tl.trans(b_q), b_do) - tl.dot(tl.trans(b_w), b_dvn.to(DT))
     if STORE_DH0:
-        store_mat(dh0, b_dh, bh64 * K * V, K, V, 0, v0, BKF, BV)
+        store_mat(dh0, b_dh, (bh64 * P + i_g) * K * VW, K, VW, 0, c0, BKF, BV)
 
 
 @triton.jit

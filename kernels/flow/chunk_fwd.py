@@ -62,23 +62,39 @@ def _gates(Gtok, bh64, i_c, NT, BC: tl.constexpr, BT: tl.constexpr, BQ: tl.const
 @triton.jit
 def chunk_flow_state_fwd_kernel(
     k, W, U, Gtok, h0, h, Vn, hT,
-    T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    T, NT, L, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-    GATED: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr,
+    GATED: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, MAP: tl.constexpr, DT: tl.constexpr,
 ):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    # program (i_v, i_bh, i_g) runs chunks [i_g·L, min(NT, i_g·L + L)) of one head from its group's start state
+    # h0[(b·H + h)·P + g]. MAP: the state tile is [M | D] (K + V columns) from [I | 0] with values [0 | U], i.e. the
+    # group's affine map S_end = M S_start + D (chunk_scan.py composes the groups); nothing else is stored.
+    i_v, i_bh, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    P = tl.num_programs(2)
     i_b, i_h = i_bh // H, i_bh % H
     bh64 = i_bh.to(tl.int64)
-    v0 = i_v * BV
-    b_h = tl.zeros([BKF, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += load_mat(h0, bh64 * K * V, K, V, 0, v0, BKF, BV).to(tl.float32)
-    for i_c in range(NT):
-        store_mat(h, b_h, (bh64 * NT + i_c) * K * V, K, V, 0, v0, BKF, BV)
+    VW: tl.constexpr = K + V if MAP else V
+    c0 = i_v * BV
+    o_k = tl.arange(0, BKF)
+    o_c = c0 + tl.arange(0, BV)
+    if MAP:
+        b_h = ((o_k[:, None] == o_c[None, :]) & (o_k < K)[:, None]).to(tl.float32)
+    else:
+        b_h = tl.zeros([BKF, BV], dtype=tl.float32)
+        if USE_H0:
+            b_h += load_mat(h0, (bh64 * P + i_g) * K * V, K, V, 0, c0, BKF, BV).to(tl.float32)
+    for i_c in range(i_g * L, tl.minimum(NT, i_g * L + L)):
+        if not MAP:
+            store_mat(h, b_h, (bh64 * NT + i_c) * K * V, K, V, 0, c0, BKF, BV)
         b_w = load_mat(W, bh64 * NT * BT * K, NT * BT, K, i_c * BT, 0, BT, BKF).to(DT)
-        b_u = load_mat(U, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV).to(tl.float32)
+        if MAP:  # columns ≥ K carry U; the homogeneous columns < K see values 0
+            p_u = U + (bh64 * NT * BT + i_c * BT) * V + (tl.arange(0, BT) * V)[:, None] + (o_c - K)[None, :]
+            b_u = tl.load(p_u, mask=((o_c >= K) & (o_c < K + V))[None, :], other=0.0).to(tl.float32)
+        else:
+            b_u = load_mat(U, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV).to(tl.float32)
         b_vn = b_u - tl.dot(b_w, b_h.to(DT))
-        store_mat(Vn, b_vn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV)
+        if not MAP:
+            store_mat(Vn, b_vn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV)
         b_k = load_rows(k, i_b, i_h, i_c * BC, T, T, H, R, K, 0, BC, R_PAD, BKF)
         if GATED:
             b_G, _, g_end = _gates(Gtok, bh64, i_c, NT, BC, BT, 16, R_PAD)
@@ -86,7 +102,7 @@ def chunk_flow_state_fwd_kernel(
             b_h = b_h * tl.exp(g_end)
         b_h += tl.dot(tl.trans(b_k.to(DT)), b_vn.to(DT))
     if STORE_HT:
-        store_mat(hT, b_h, bh64 * K * V, K, V, 0, v0, BKF, BV)
+        store_mat(hT, b_h, (bh64 * P + i_g) * K * VW, K, VW, 0, c0, BKF, BV)
 
 
 @triton.jit

@@ -267,6 +267,38 @@ def sweep(gated: bool = False) -> list[dict]:
     return rows
 
 
+def groups_sweep(B=1, T=65536, H=16, D=128) -> list[dict]:
+    """fwd and fwd+bwd time of the sequential state passes (groups=1) vs grouped ones (chunk_scan.py)."""
+    import os  # noqa: PLC0415
+
+    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
+
+    x = {n: t.requires_grad_(True) for n, t in _fwd_bwd_inputs(B, T, H, D, torch.bfloat16).items()}
+    rows = []
+    for groups in (1, 0, 4, 8, 16):
+        os.environ["FLOW_CFG"] = f"groups={groups}"
+        row = {"what": "groups", "case": f"B{B}-T{T}-H{H}-D{D}", "groups": groups}
+        for mode in ("fwd", "fwd+bwd"):
+            def fn():
+                o, _ = chunk_flow(**x)
+                if mode == "fwd+bwd":
+                    o.backward(torch.ones_like(o))
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+            for _ in range(5):
+                fn()
+            ev[1].record()
+            torch.cuda.synchronize()
+            row[mode + "_ms"] = ev[0].elapsed_time(ev[1]) / 5
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    os.environ.pop("FLOW_CFG", None)
+    return rows
+
+
 def _bench(cases: list[str], impls: list[str], out: str | None) -> None:
     """``pflow-dist bench flow`` without the CLI's dependencies (for bare GPU images)."""
     from rich.console import Console  # noqa: PLC0415
@@ -288,7 +320,7 @@ def _bench(cases: list[str], impls: list[str], out: str | None) -> None:
 
 def _main() -> None:
     ap = argparse.ArgumentParser(description="Extra flow measurements on CUDA: full-size check, longest T, bench.")
-    ap.add_argument("what", choices=["longest", "check", "bench", "warm", "sweep"])
+    ap.add_argument("what", choices=["longest", "check", "bench", "warm", "sweep", "groups"])
     ap.add_argument("--cfg", default="")
     ap.add_argument("--gated", action="store_true")
     ap.add_argument("--case", action="append", default=[])
@@ -301,7 +333,7 @@ def _main() -> None:
     if a.what == "warm":
         warm(a.cfg)
         return
-    rows = {"longest": longest, "check": check, "sweep": lambda: sweep(a.gated)}[a.what]()
+    rows = {"longest": longest, "check": check, "sweep": lambda: sweep(a.gated), "groups": groups_sweep}[a.what]()
     if a.out:
         with open(a.out, "a") as f:
             for r in rows:

@@ -180,3 +180,14 @@ def test_bad_options(device):
         chunk_flow(**{n: t.double() for n, t in x.items()}, backend="triton")
     with pytest.raises(ValueError, match="k must have 4 or 5 dimensions"):
         flow_map(torch.randn(5, 8), x["v"], x["beta"])
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("name", ["gated-T63-K24", "product-R3-gated-T19"])
+def test_grouped_state_passes(name, groups, device, monkeypatch):
+    # the second algorithm (chunk_scan.py): group flows in parallel, composed, then the chunk states per group;
+    # forced here (on the GPU it is chosen when the sequential pass would leave SMs idle)
+    monkeypatch.setenv("FLOW_CFG", f"groups={groups}")
+    _, R, form, gated, B, T, H, K, V, C = BY_ID[name]
+    x = _inputs(R, gated, B, T, H, K, V, torch.float32, device)
+    _check_against_reference(x, form, C // 2, "triton", TOL[torch.float32])
