@@ -279,7 +279,7 @@ def groups_sweep(B=1, T=65536, H=16, D=128) -> list[dict]:
         os.environ["FLOW_CFG"] = f"groups={groups}"
         row = {"what": "groups", "case": f"B{B}-T{T}-H{H}-D{D}", "groups": groups}
         for mode in ("fwd", "fwd+bwd"):
-            def fn():
+            def fn(mode=mode):
                 o, _ = chunk_flow(**x)
                 if mode == "fwd+bwd":
                     o.backward(torch.ones_like(o))
