@@ -35,12 +35,23 @@ def _tanh(x):
 
 
 @triton.jit
+def _shifted_gh(G_ptr, gh0_ptr, bias_ptr, g3, g0, cols, cm, mp, m0, t, n, k: tl.constexpr):
+    """Block k (r, z or n) of gh_t = W_hh h_{t-1} + b_hh: G_{t-1} + bias for t ≥ 1, gh0 at t = 0."""
+    bias = tl.load(bias_ptr + k * n + cols, mask=cm, other=0.0).to(tl.float32)
+    prev = tl.load(G_ptr + g3 - 3 * n + k * n, mask=mp, other=0.0).to(tl.float32) + bias[None, :]
+    first = tl.load(gh0_ptr + g0 + k * n, mask=m0, other=0.0).to(tl.float32)
+    return tl.where((t == 0)[:, None], first, prev)
+
+
+@triton.jit
 def pointwise_gru_linearize_fwd_kernel(
-    gi_ptr, gh_ptr, h_ptr, h0_ptr, wdiag_ptr, res_ptr, out_ptr,
+    gi_ptr, G_ptr, gh0_ptr, bias_ptr, h_ptr, h0_ptr, wdiag_ptr, res_ptr, out_ptr,
     R, T, n, scale,
     HAS_H0: tl.constexpr, STRUCT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Rows are the B·T steps. res = f(h_{t-1}) − h_t; out = scale·d [R, n] (quasi) or scale·coef [R, 4, n]."""
+    """Rows are the B·T steps. res = f(h_{t-1}) − h_t; out = scale·d [R, n] (quasi) or scale·coef [R, 4, n].
+    gh_t = W_hh h_{t-1} + b_hh is read as G_{t-1} + bias with G = h W_hhᵀ of the iterate itself (so no shifted
+    copy of h is made), and gh0 [B, 3n] at t = 0."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = rows < R
@@ -51,16 +62,19 @@ def pointwise_gru_linearize_fwd_kernel(
     i_r = tl.load(gi_ptr + g3, mask=m, other=0.0).to(tl.float32)
     i_z = tl.load(gi_ptr + g3 + n, mask=m, other=0.0).to(tl.float32)
     i_n = tl.load(gi_ptr + g3 + 2 * n, mask=m, other=0.0).to(tl.float32)
-    h_r = tl.load(gh_ptr + g3, mask=m, other=0.0).to(tl.float32)
-    h_z = tl.load(gh_ptr + g3 + n, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gh_ptr + g3 + 2 * n, mask=m, other=0.0).to(tl.float32)
+    t = rows % T
+    b = rows // T
+    mp = m & (t >= 1)[:, None]
+    m0 = m & (t == 0)[:, None]
+    g0 = b.to(tl.int64)[:, None] * 3 * n + cols[None, :]
+    h_r = _shifted_gh(G_ptr, gh0_ptr, bias_ptr, g3, g0, cols, cm, mp, m0, t, n, 0)
+    h_z = _shifted_gh(G_ptr, gh0_ptr, bias_ptr, g3, g0, cols, cm, mp, m0, t, n, 1)
+    u = _shifted_gh(G_ptr, gh0_ptr, bias_ptr, g3, g0, cols, cm, mp, m0, t, n, 2)
     h1 = r64[:, None] * n + cols[None, :]
     h = tl.load(h_ptr + h1, mask=m, other=0.0).to(tl.float32)
-    t = rows % T
     hp = tl.load(h_ptr + h1 - n, mask=m & (t >= 1)[:, None], other=0.0).to(tl.float32)
     if HAS_H0:
-        b = rows // T
-        h0 = tl.load(h0_ptr + b.to(tl.int64)[:, None] * n + cols[None, :], mask=m & (t == 0)[:, None], other=0.0)
+        h0 = tl.load(h0_ptr + b.to(tl.int64)[:, None] * n + cols[None, :], mask=m0, other=0.0)
         hp += h0.to(tl.float32)
     r = _sigmoid(i_r + h_r)
     z = _sigmoid(i_z + h_z)
@@ -85,10 +99,11 @@ def pointwise_gru_linearize_fwd_kernel(
 
 
 def gru_linearize_triton(
-    gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, wdiag: torch.Tensor,
-    structured: bool, scale: float = 1.0,
+    gi: torch.Tensor, G: torch.Tensor, gh0: torch.Tensor, bias: torch.Tensor, h: torch.Tensor,
+    h0: torch.Tensor | None, wdiag: torch.Tensor, structured: bool, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher of the GRU Newton terms; shapes and outputs as :func:`gru_linearize_torch`."""
+    """Triton launcher of the GRU Newton terms; outputs as :func:`gru_linearize_torch`, but gh is given unshifted:
+    ``G = h W_hhᵀ`` ``[B, T, 3n]`` of the iterate, ``gh0 = W_hh h_0 + b_hh`` ``[B, 3n]`` and ``bias = b_hh`` ``[3n]``."""
     B, T, n = h.shape
     R = B * T
     res = torch.empty(B, T, n, device=h.device, dtype=torch.float32)
@@ -97,7 +112,7 @@ def gru_linearize_triton(
     br = max(1, 2048 // bn)
     grid = (triton.cdiv(R, br), triton.cdiv(n, bn))
     pointwise_gru_linearize_fwd_kernel[grid](
-        gi, gh, h, h0 if h0 is not None else h, wdiag, res, out, R, T, n, float(scale),
+        gi, G, gh0, bias, h, h0 if h0 is not None else h, wdiag, res, out, R, T, n, float(scale),
         HAS_H0=h0 is not None, STRUCT=structured, BLOCK_R=br, BLOCK_N=bn, num_warps=8,
     )
     return res, out

@@ -5,7 +5,9 @@
 #
 # Layout [B, T, N] with N contiguous: a program owns a tile of BLOCK_T steps × BLOCK_N channels (rows of ≥ 64 bytes
 # keep the loads coalesced), scans it from zero with tl.associative_scan and needs the state entering the tile.
-# Two ways to get it:
+# Three ways to get it (chosen by shape, see diag_scan_triton):
+# - "loop": one program per (sequence, channel group) walks the sequence tile after tile, carrying the state
+#   (accelerated-scan's design): one pass, no communication; needs B · channel groups ≥ LOOP_MIN_SEQS to fill the GPU.
 # - "lookback" (one pass, the default on GPU): the single-pass scan with decoupled look-back (Merrill & Garland 2016,
 #   "Single-pass Parallel Prefix Scan with Decoupled Look-back"; CUB's DeviceScan). Tiles take their index from an
 #   atomic counter (so a tile only ever waits on tiles that already run: no deadlock whatever the block scheduler
@@ -29,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOOKBACK_MIN_SEQS", "SENTINEL", "diag_scan_triton", "diag_tile_config"]
+__all__ = ["LOOKBACK_MIN_SEQS", "LOOP_MIN_SEQS", "SENTINEL", "diag_scan_triton", "diag_tile_config"]
 
 # A signalling-NaN bit pattern arithmetic never produces (GPUs return the canonical NaN 0x7FFFFFFF): "not published".
 SENTINEL = 0x7FA0DEAD
@@ -193,6 +195,48 @@ def lookback_diag_scan_bwd_kernel(
 
 
 @triton.jit
+def _loop_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, hprev_ptr, h0_ptr, da_ptr, T, N, G, n_chunks,
+                    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0_DA: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
+    seq = tl.program_id(0)
+    bi = seq // G
+    offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    base = bi.to(tl.int64) * T * N
+    if HAS_INIT:
+        carry = tl.load(init_ptr + bi.to(tl.int64) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+    rows_t = tl.arange(0, BLOCK_T)
+    # tile addresses do not depend on the carry, so the compiler prefetches NUM_STAGES tiles ahead
+    for chunk in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+        a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+        A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
+        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
+                    HAS_DA)
+        carry = _last_row(A_loc, rows_t, BLOCK_T) * carry + _last_row(B_loc, rows_t, BLOCK_T)
+    tl.store(hT_ptr + bi.to(tl.int64) * N + offs_n, carry, mask=mask_n)
+
+
+@triton.jit
+def loop_diag_scan_fwd_kernel(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, T, N, G, n_chunks, HAS_INIT: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """One program per (sequence, channel group) walks its whole sequence, carrying the state (accelerated-scan's
+    design): one pass, no communication, for when B · channel groups alone fill the GPU."""
+    _loop_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, h_ptr, init_ptr, h_ptr, T, N, G, n_chunks, HAS_INIT,
+                    False, False, False, BLOCK_T, BLOCK_N, NUM_STAGES)
+
+
+@triton.jit
+def loop_diag_scan_bwd_kernel(a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, h_ptr, h0_ptr, da_ptr, T, N, G, n_chunks,
+                              HAS_GT: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The adjoint of :func:`loop_diag_scan_fwd_kernel` (reverse time, shifted gates, fused da)."""
+    _loop_diag_scan(a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, h_ptr, h0_ptr, da_ptr, T, N, G, n_chunks, HAS_GT,
+                    True, HAS_DA, HAS_H0, BLOCK_T, BLOCK_N, NUM_STAGES)
+
+
+@triton.jit
 def chunk_diag_scan_fwd_kernel(
     a_ptr, b_ptr, agg_a_ptr, agg_b_ptr, carry_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr,
     T, N, G, n_chunks,
@@ -234,6 +278,16 @@ def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = N
 # per µs must cover the bandwidth (≈ 3 TB/s) → n_seq ≥ 8. Fewer, longer chains (T = 2^24 over 16 channels) take the
 # three-pass algorithm: 5 tensor passes instead of 3, but no chain latency.
 LOOKBACK_MIN_SEQS = 8
+# With ≥ LOOP_MIN_SEQS sequences × channel groups (one per SM), each program simply walks its own sequence with
+# prefetched tiles: one pass, no look-back latency (the short-T regime; channel groups narrow to 8 to get there).
+LOOP_MIN_SEQS = 128
+
+
+def _loop_block_n(B: int, N: int) -> int | None:
+    for bn in (32, 16, 8):
+        if bn <= max(8, triton.next_power_of_2(N)) and B * triton.cdiv(N, bn) >= LOOP_MIN_SEQS:
+            return bn
+    return None
 
 
 def _grid_dims(B: int, T: int, N: int, bt: int, bn: int) -> tuple[int, int, int]:
@@ -265,8 +319,9 @@ def diag_scan_triton(
         reverse: the adjoint scan ``λ_t = b_t + a_{t+1} λ_{t+1}`` (``b`` is then ``∂L/∂h``).
         out_dtype: dtype of the per-step output (``b.dtype`` when ``None``).
         h, h0: forward states ``[B, T, N]`` and initial state for ``da = λ ⊙ h_{t-1}`` (reverse with want_da).
-        algorithm: ``"lookback"`` (single pass), ``"chunk"`` (three passes) or ``"auto"`` (look-back when at least
-            ``LOOKBACK_MIN_SEQS`` sequences × channel groups run side by side, or the sequence is one tile).
+        algorithm: ``"loop"`` (a program walks each sequence), ``"lookback"`` (single pass over tiles), ``"chunk"``
+            (three passes) or ``"auto"``: loop when B × channel groups ≥ ``LOOP_MIN_SEQS``, else look-back when
+            ≥ ``LOOKBACK_MIN_SEQS`` (or the sequence is one tile), else chunk.
         block_t, block_n, window: tile sizes (defaults from :func:`diag_tile_config`), look-back window.
         publish_inclusive: testing knob: when False only the first tile publishes its inclusive state, so every
             tile looks back to the start (exercises the multi-window path the interpreter never reaches otherwise).
@@ -275,6 +330,8 @@ def diag_scan_triton(
         ``(out [B, T, N] in out_dtype, last [B, N] fp32 — h_T forward, λ_0 reverse, da or None)``.
     """
     B, T, N = b.shape
+    if algorithm == "auto" and block_n is None and (bn_loop := _loop_block_n(B, N)) is not None:
+        algorithm, block_n = "loop", bn_loop
     bt, bn, warps = diag_tile_config(N, block_t, block_n)
     G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
     out = torch.empty(B, T, N, device=b.device, dtype=out_dtype or b.dtype)
@@ -283,6 +340,18 @@ def diag_scan_triton(
     dummy = out
     if algorithm == "auto":
         algorithm = "lookback" if (n_seq >= LOOKBACK_MIN_SEQS or n_chunks == 1) else "chunk"
+    hp, h0p, dap = (h if want_da else dummy), (h0 if h0 is not None else dummy), (da if want_da else dummy)
+    if algorithm == "loop":
+        if reverse:
+            loop_diag_scan_bwd_kernel[(n_seq,)](a, b, init if init is not None else dummy, out, last, hp, h0p, dap,
+                                                T, N, G, n_chunks, HAS_GT=init is not None, HAS_DA=want_da,
+                                                HAS_H0=h0 is not None, BLOCK_T=bt, BLOCK_N=bn, NUM_STAGES=3,
+                                                num_warps=warps)
+        else:
+            loop_diag_scan_fwd_kernel[(n_seq,)](a, b, init if init is not None else dummy, out, last, T, N, G,
+                                                n_chunks, HAS_INIT=init is not None, BLOCK_T=bt, BLOCK_N=bn,
+                                                NUM_STAGES=3, num_warps=warps)
+        return out, last, da
     if algorithm == "lookback":
         state = torch.full((n_seq * n_chunks * 3 * bn,), SENTINEL, dtype=torch.int32, device=b.device)
         counter = torch.zeros(1, dtype=torch.int32, device=b.device)
@@ -302,11 +371,10 @@ def diag_scan_triton(
             )
         return out, last, da
     if algorithm != "chunk":
-        raise ValueError(f"algorithm must be 'lookback' or 'chunk', got {algorithm!r}")
+        raise ValueError(f"algorithm must be 'auto', 'loop', 'lookback' or 'chunk', got {algorithm!r}")
     agg_a = torch.empty(B, n_chunks, N, device=b.device, dtype=torch.float32)
     agg_b = torch.empty_like(agg_a)
     common = dict(REVERSE=reverse, HAS_DA=want_da, HAS_H0_DA=h0 is not None, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
-    hp, h0p, dap = (h if want_da else dummy), (h0 if h0 is not None else dummy), (da if want_da else dummy)
     chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, agg_a, out, hp, h0p, dap, T, N, G, n_chunks,
                                                   PHASE=0, **common)
     # states at the end of every tile: the same scan over the tile maps (already in scan order), from init

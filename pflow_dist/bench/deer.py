@@ -3,8 +3,8 @@
 Same inputs as ``bench gru`` (input size = hidden size nh, nn.GRU's init, x ~ N(0, 1), h0 = 0, fp32). Implementations:
 - ``ours``: ``pflow_dist.ops.deer.deer_rnn(..., method="quasi")`` (diagonal Jacobian: look-back diagonal scan);
 - ``ours-newton``: ``method="newton"`` (structured dense Jacobian, chunked dense scan, n ≤ 64);
-- ``torch.nn.GRU``: cuDNN, run over chunks of 2^16 steps carrying the hidden state (one call over 2^20 steps is what
-  DESIGN.md §10's peer numbers call "chunked"); gradients flow through the chunks.
+- ``torch.nn.GRU``: cuDNN, run over chunks of 2^14 steps carrying the hidden state (cuDNN refuses one call over 2^20
+  steps with CUDNN_STATUS_NOT_SUPPORTED on H100, and over 2^16-step slices too; DESIGN.md §10's "chunked"); gradients flow through the chunks.
 ``python -m pflow_dist.bench.deer`` adds to every row (``finalize_rows``) the Newton iterations and the max abs error
 of each method against the sequential cuDNN result on the same inputs.
 """
@@ -22,7 +22,7 @@ from .registry import Bench, Case, Impl
 
 _QUICK = [(2, 8, 64), (1, 16, 256)]
 _FULL = [(1, 8, 2**20), (16, 32, 2**20), (16, 32, 17984), (16, 64, 17984), (16, 256, 17984)]
-_CUDNN_CHUNK = 2**16
+_CUDNN_CHUNK = 2**14
 
 
 def _cases(quick: bool) -> list[Case]:
@@ -51,7 +51,7 @@ def _cudnn(inp):
     h = inp["h0"].unsqueeze(0)
     outs = []
     for t0 in range(0, x.shape[1], _CUDNN_CHUNK):
-        o, h = torch.func.functional_call(module, params, (x[:, t0:t0 + _CUDNN_CHUNK], h))
+        o, h = torch.func.functional_call(module, params, (x[:, t0:t0 + _CUDNN_CHUNK].contiguous(), h))
         outs.append(o)
     return torch.cat(outs, dim=1), h[0]
 
@@ -82,12 +82,15 @@ def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case])
     for case in cases:
         inp = _inputs(case, torch.float32, device)
         with torch.no_grad():
-            seq = _cudnn(inp)[0]
+            try:
+                seq = _cudnn(inp)[0]
+            except Exception:  # cuDNN refused: compare with the float64 loop only where it is affordable
+                seq = _reference(inp).float() if case.params["T"] * case.params["B"] <= 2**16 else None
             for impl, method in (("ours", "quasi"), ("ours-newton", "newton")):
                 try:
                     h, _, info = deer_rnn(_weights(inp), inp["x"], inp["h0"], method)
-                    stats[(case.name, impl)] = {"iterations": info.iterations,
-                                                "max_abs_err_vs_sequential": (h - seq).abs().max().item()}
+                    stats[(case.name, impl)] = {"iterations": info.iterations, "max_abs_err_vs_sequential":
+                                                None if seq is None else (h - seq).abs().max().item()}
                 except Exception as e:  # recorded, like a failing peer
                     stats[(case.name, impl)] = {"stats_error": f"{type(e).__name__}: {str(e)[:200]}"}
         del inp, seq
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if "iterations" in r.extra:
             print(f"{r.case:<20} {r.mode:<8} {r.impl:<12} {r.median_ms or float('nan'):10.2f} ms  "
-                  f"iters={r.extra['iterations']}  max|err| vs cuDNN={r.extra['max_abs_err_vs_sequential']:.2e}")
+                  f"iters={r.extra['iterations']}  max|err| vs cuDNN={r.extra['max_abs_err_vs_sequential']}")
     if args.out:
         write_jsonl(rows, args.out)
 

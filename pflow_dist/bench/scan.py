@@ -176,13 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rep", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--verify", action="store_true", help="ours and ours-3pass vs the torch path, fwd and grads")
+    p.add_argument("--verify-case", action="append", default=[], help="verify only these cases")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = run_bench(BENCH, device=device, quick=args.quick, case_filter=args.case, impl_filter=args.impl,
                      modes=args.mode or None, rep=args.rep, on_row=lambda r: print(format_row(r), flush=True))
     rows = finalize_rows(rows, device)
     if args.verify:
-        verify_rows(rows, device, args.quick, args.case)
+        verify_rows(rows, device, args.quick, args.verify_case or args.case)
     from rich.console import Console
 
     print_table(rows, Console())

@@ -30,6 +30,7 @@ import torch
 
 from ..kernels.common.checks import check_tensor
 from ..kernels.deer.naive import GRUWeights
+from ..kernels.deer.update import deer_update
 from .deer_cells import FuncSystem, GRUSystem, shift
 from .scan import resolve_backend, scan_adjoint, scan_forward
 
@@ -89,7 +90,7 @@ class _Adjoint(torch.autograd.Function):
 def _iterative_adjoint(coef: torch.Tensor, mats: torch.Tensor, g: torch.Tensor, backend: str, rtol: float = 1e-6,
                        max_iter: int = 500) -> torch.Tensor:
     """The adjoint λ_t = g_t + J_{t+1}ᵀ λ_{t+1} for structured J = diag(c0) + Σ_k diag(c_k) M_k when the dense
-    reverse scan is out of reach (n > 64 on GPU): split J_{t+1}ᵀ = D_{t+1} + E_{t+1} (D its diagonal) and iterate
+    reverse scan is too costly (n > 32 on GPU): split J_{t+1}ᵀ = D_{t+1} + E_{t+1} (D its diagonal) and iterate
     λ^{k+1}_t = g_t + E_{t+1} λ^k_{t+1} + D_{t+1} λ^{k+1}_{t+1}, one diagonal reverse scan per iteration (quasi-Newton
     on the linear adjoint system; causal, so exact after T iterations). E v costs one [B·T, 3n] × [3n, n] GEMM."""
     B, T, n = g.shape
@@ -136,10 +137,10 @@ def _solve(system, B: int, T: int, n: int, method: str, scale: float, atol: floa
         kw = {"precision": "tf32"} if (backend == "triton" and "a" not in trans) else {}
         delta, _ = scan_forward(trans.get("a"), res, None, backend, coef=trans.get("coef"), mats=trans.get("mats"),
                                 **kw)
-        h = h + delta
-        viol = ((delta.abs() - rtol * h.abs()).amax() - atol).item()  # NaN when δ holds NaN/Inf
-        if viol != viol or viol == float("inf"):
+        viol, bad = deer_update(h, delta, atol, rtol, use_triton=backend == "triton")
+        if bad:  # NaN/Inf past the exact prefix: reset them to 0 and keep iterating (DEER's heuristic)
             resets += 1
+            viol = float("nan")
             h = torch.where(torch.isfinite(h), h, torch.zeros((), device=device, dtype=h.dtype))
             continue
         if viol <= 0:
@@ -228,8 +229,13 @@ def deer_rnn(
     if h0 is not None and h0.shape[-1] != n:
         raise ValueError(f"h0 must have shape [B, n={n}], got {list(h0.shape)}")
     be = resolve_backend(backend, x.device, dtype, n, diagonal)
+    if not diagonal and be == "torch" and x.is_cuda and backend == "auto":
+        raise ValueError(f"method={method!r} on CUDA needs n <= 64 (the dense Triton scan; the torch path would "
+                         f"materialise B·T·n² Jacobians), got n={n}: use method='quasi'")
     # the adjoint scans the dense J_tᵀ (exact gradients for every method): Triton's dense scan takes n ≤ 64
-    if n > 64 and x.is_cuda and isinstance(system, GRUSystem):  # dense Jᵀ scan out of reach: iterate on the diagonal
+    # n > 32 on GPU: the dense Jᵀ scan's n³ chunk products (1 program per SM at n = 64) cost more than iterating
+    # diagonal reverse scans with the off-diagonal part as GEMMs (H100, B16 n64 T17984: the dense adjoint took ~165 ms)
+    if n > 32 and x.is_cuda and isinstance(system, GRUSystem):
         adj_be = "iterative:" + resolve_backend(backend, x.device, dtype, n, True)
     else:
         adj_be = resolve_backend(backend if (backend != "triton" or n <= 64) else "auto", x.device, dtype, n, False)

@@ -68,9 +68,16 @@ class GRUSystem:
         return gh.reshape(B, T, 3 * n)
 
     def _terms(self, h: torch.Tensor, structured: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        gh = self._gh(shift(h, self.h0))
-        fn = gru_linearize_triton if self.use_triton else gru_linearize_torch
-        return fn(self.gi, gh, h.contiguous(), self.h0, self.wdiag, structured, scale)
+        if not self.use_triton:
+            return gru_linearize_torch(self.gi, self._gh(shift(h, self.h0)), h, self.h0, self.wdiag, structured,
+                                       scale)
+        B, T, n = h.shape
+        h = h.contiguous()
+        G = (h.reshape(B * T, n) @ self.w_hh.T).reshape(B, T, 3 * n)  # unshifted: the kernel reads row t-1
+        bias = self.b_hh if self.b_hh is not None else h.new_zeros(3 * n)
+        gh0 = bias.expand(B, 3 * n) if self.h0 is None else self.h0 @ self.w_hh.T + bias
+        return gru_linearize_triton(self.gi, G, gh0.contiguous(), bias.contiguous(), h, self.h0, self.wdiag,
+                                    structured, scale)
 
     def linearize(self, h: torch.Tensor, method: str, scale: float) -> tuple[torch.Tensor, Transition]:
         """Residual ``f(h_{t-1}, x_t) − h_t`` and the Newton transition at the iterate ``h``."""

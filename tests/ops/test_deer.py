@@ -125,10 +125,12 @@ def test_gru_jacobian_matches_autodiff(structured):
 def test_gru_linearize_triton_matches_torch(structured):
     n, B, T = 6, 2, 9
     gen = torch.Generator().manual_seed(4)
-    gi, gh = torch.randn(B, T, 3 * n, generator=gen), torch.randn(B, T, 3 * n, generator=gen)
+    gi, G = torch.randn(B, T, 3 * n, generator=gen), torch.randn(B, T, 3 * n, generator=gen)
+    gh0, bias = torch.randn(B, 3 * n, generator=gen), torch.randn(3 * n, generator=gen)
     h, h0, wdiag = torch.randn(B, T, n, generator=gen), torch.randn(B, n, generator=gen), torch.randn(3, n)
+    gh = torch.cat([gh0[:, None], G[:, :-1] + bias], dim=1)  # the Triton kernel shifts G itself
     r1, o1 = gru_linearize_torch(gi, gh, h, h0, wdiag, structured, 0.7)
-    r2, o2 = gru_linearize_triton(gi, gh, h, h0, wdiag, structured, 0.7)
+    r2, o2 = gru_linearize_triton(gi, G, gh0, bias, h, h0, wdiag, structured, 0.7)
     assert_close("residual", r1, r2, 1e-6)
     assert_close("terms", o1, o2, 1e-6)
 
@@ -237,3 +239,19 @@ def test_iterative_adjoint_matches_dense_adjoint():
     lam = _iterative_adjoint(coef, mats, g, "torch")
     ref, _, _ = scan_adjoint(None, g.double(), None, "torch", coef=coef.double(), mats=mats.double())
     assert_close("lambda", ref, lam, 1e-5)
+
+
+def test_deer_update_triton_matches_torch():
+    """The fused update (h += δ, max violation over finite entries, non-finite count) on both paths."""
+    from pflow_dist.kernels.deer.update import deer_update
+
+    gen = torch.Generator().manual_seed(7)
+    h, d = torch.randn(3, 5000, generator=gen), torch.randn(3, 5000, generator=gen) * 1e-3
+    d[1, 7], d[2, 9] = float("nan"), float("inf")
+    h1, h2 = h.clone(), h.clone()
+    v1, bad1 = deer_update(h1, d, 1e-4, 1e-3, use_triton=False)
+    v2, bad2 = deer_update(h2, d, 1e-4, 1e-3, use_triton=True)
+    assert bad1 == bad2 == 2
+    assert abs(v1 - v2) <= 1e-7 * max(1.0, abs(v1))
+    fin = torch.isfinite(h1)
+    assert torch.equal(fin, torch.isfinite(h2)) and torch.allclose(h1[fin], h2[fin])

@@ -85,8 +85,8 @@ def test_scan_long_T_torch():
     assert_close("h_T", rT, hT, 1e-5)
 
 
-@pytest.mark.parametrize("algorithm,publish", [("lookback", True), ("lookback", False), ("chunk", True)],
-                         ids=["lookback", "lookback-deep", "chunk"])
+@pytest.mark.parametrize("algorithm,publish", [("lookback", True), ("lookback", False), ("chunk", True),
+                                               ("loop", True)], ids=["lookback", "lookback-deep", "chunk", "loop"])
 @pytest.mark.parametrize("T", [61, 150])
 def test_diag_triton_multi_tile(algorithm, publish, T):
     """Many tiles per sequence (8-step tiles, 4-channel groups): the look-back across windows of 4 tiles (with
@@ -94,7 +94,7 @@ def test_diag_triton_multi_tile(algorithm, publish, T):
     adjoint + da."""
     a, b, h0 = make(1, T, 6, True, torch.float32, seed=T)
     kw = dict(algorithm=algorithm, block_t=8, block_n=4, window=4, publish_inclusive=publish)
-    if algorithm == "chunk":
+    if algorithm in ("chunk", "loop"):
         kw.pop("window"), kw.pop("publish_inclusive")
     h, hT = scan_forward(a, b, h0, "triton", **kw)
     g, gT = torch.randn_like(b), torch.randn_like(h0)
