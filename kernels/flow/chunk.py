@@ -16,7 +16,7 @@ from .chunk_fwd import chunk_flow_output_fwd_kernel
 from .chunk_scan import num_groups, state_bwd, state_fwd
 from .chunk_wy import chunk_flow_wy_fwd_kernel
 
-__all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "plan_chunks", "token_cumsum"]
+__all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "keep_intermediates", "plan_chunks", "token_cumsum"]
 
 ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles live in registers
 
@@ -24,10 +24,13 @@ ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles l
 # groups = chunk groups of the state passes (0: auto, chunk_scan.py), nw_<kernel> / ns_<kernel> = num_warps /
 # num_stages. FLOW_CFG="bk=32,nw_grads=8,..." overrides (tuning runs).
 _CFG = {
-    "bk": 64, "bv": 64, "bvs": 64, "groups": 0,
-    "nw_wy": 8, "nw_state": 4, "nw_out": 8, "nw_dvl": 8, "nw_sbwd": 8, "nw_grads": 8,
-    "ns_wy": 2, "ns_state": 2, "ns_out": 2, "ns_dvl": 2, "ns_sbwd": 2, "ns_grads": 2,
+    "bk": 64, "bv": 64, "bvs": 64, "groups": 0, "save": -1,
+    "nw_wy": 4, "nw_state": 4, "nw_out": 4, "nw_dvl": 8, "nw_sbwd": 8, "nw_grads": 8,
+    "ns_wy": 3, "ns_state": 3, "ns_out": 3, "ns_dvl": 3, "ns_sbwd": 3, "ns_grads": 3,
 }
+# Defaults: the best per kernel of a sweep on H100 at B4 T8192 H16 D128 bf16 (pflow_dist/bench/flow.py sweep,
+# benchmarks/results/flow_sweep_h100.jsonl). save: keep W, U, Ainv, h, Vn from the forward for the backward
+# (1), recompute them (0), or auto (-1): keep unless they would take more than a sixth of the device memory.
 
 
 def _cfg(key: str) -> int:
@@ -41,10 +44,10 @@ def _cfg(key: str) -> int:
 
 
 def _launch(name: str, x: torch.Tensor) -> dict:
-    """Launch options of kernel ``name``: warps, pipelining depth, and the fp32 dot precision (tf32x3 ≈ fp32
-    accuracy for fp32 inputs; bf16/fp16 operands ignore it)."""
+    """Launch options of kernel ``name``: warps, pipelining depth, and PREC, the precision of fp32 dots (tf32x3 ≈ fp32
+    accuracy for fp32 inputs, on Hopper plain tf32 would give ~1e-3; bf16/fp16 operands ignore it)."""
     prec = "tf32x3" if x.dtype == torch.float32 else "tf32"
-    return {"num_warps": _cfg(f"nw_{name}"), "num_stages": _cfg(f"ns_{name}"), "default_dot_input_precision": prec}
+    return {"num_warps": _cfg(f"nw_{name}"), "num_stages": _cfg(f"ns_{name}"), "PREC": prec}
 
 
 @dataclass(frozen=True)
@@ -140,13 +143,26 @@ def _inter_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool, p: ChunkPlan):
-    """Forward: ``o [B, T, H, V]`` (q's dtype) and the final state ``[B, H, K, V]`` fp32 (or None).
+def keep_intermediates(p: ChunkPlan, x: torch.Tensor) -> bool:
+    """Whether the forward keeps W, U, Ainv, h, Vn for the backward (saves recomputing the WY and state passes)."""
+    mode = _cfg("save")
+    if mode >= 0:
+        return bool(mode)
+    if x.device.type != "cuda":
+        return True
+    rows = p.B * p.H * p.NT * p.BT
+    nbytes = (rows * (p.K + 2 * p.V + p.BT) + p.B * p.H * p.NT * p.K * p.V) * x.element_size()
+    return nbytes * 6 < torch.cuda.get_device_properties(x.device).total_memory
+
+
+def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool, p: ChunkPlan, keep: bool = False):
+    """Forward: ``o [B, T, H, V]`` (q's dtype), the final state ``[B, H, K, V]`` fp32 (or None), and, when ``keep``,
+    the intermediates ``(W, U, Ainv, h, Vn)`` for :func:`chunk_flow_bwd` (else None).
 
     Inputs are contiguous, rank-R shaped (``k [B, T, H, R, K]``, ``v [B, T, H, R, V]``, ``beta [B, T, H, R]``);
     ``G`` is :func:`token_cumsum` of g (None without gate); ``h0`` fp32 ``[B, H, K, V]`` or None.
     """
-    _, _, _, h, Vn, hT = _wy_state(k, v, beta, G, h0, p, output_final_state, _inter_dtype(q))
+    W, U, Ainv, h, Vn, hT = _wy_state(k, v, beta, G, h0, p, output_final_state, _inter_dtype(q))
     o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
     chunk_flow_output_fwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
         q, k, Vn, h, G if G is not None else Vn, o, scale, p.T, p.NT,
@@ -154,11 +170,12 @@ def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=G is not None, DT=dot_dtype(q),
         **_launch("out", k),
     )
-    return o, hT
+    return o, hT, ((W, U, Ainv, h, Vn) if keep else None)
 
 
-def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, need_dh0: bool):
-    """Backward: recompute W, U, Ainv, h, Vn, then the reverse state pass and the per-chunk gradients.
+def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, need_dh0: bool, saved=None):
+    """Backward: W, U, Ainv, h, Vn from ``saved`` (or recomputed), then the reverse state pass and the per-chunk
+    gradients.
 
     Returns:
         ``(dq, dk, dv, dbeta, dg, dh0)`` in the shapes of the inputs (dg ``[B, T, H]`` fp32 or None, dh0 fp32 or
@@ -166,7 +183,10 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     """
     dev = q.device
     inter = _inter_dtype(q)
-    W, U, Ainv, h, Vn, _ = _wy_state(k, v, beta, G, h0, p, False, inter)
+    if saved is None:
+        W, U, Ainv, h, Vn, _ = _wy_state(k, v, beta, G, h0, p, False, inter)
+    else:
+        W, U, Ainv, h, Vn = saved
     gated = G is not None
     Gp = G if gated else W
     rows = p.B * p.H * p.NT * p.BT

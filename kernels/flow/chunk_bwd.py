@@ -34,7 +34,7 @@ def chunk_flow_dvlocal_bwd_kernel(
     q, k, do, Gtok, dVn, scale,
     T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
+    BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -45,7 +45,7 @@ def chunk_flow_dvlocal_bwd_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, i_k * BK, BQ, 1, BK).to(DT)
         b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
-        b_s += tl.dot(b_q, tl.trans(b_k))
+        b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     o_q = tl.arange(0, BQ)
     vis = (tl.arange(0, BT) // R_PAD)[None, :] <= o_q[:, None]
     if GATED:
@@ -53,7 +53,7 @@ def chunk_flow_dvlocal_bwd_kernel(
         b_s = b_s * tl.exp(tl.where(vis, b_Gq[:, None] - b_G[None, :], 0.0))
     b_s = tl.where(vis, b_s * scale, 0.0)
     b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, i_v * BV, BQ, 1, BV).to(DT)
-    b_dv = tl.dot(tl.trans(b_s).to(DT), b_do)
+    b_dv = tl.dot(tl.trans(b_s).to(DT), b_do, input_precision=PREC)
     store_mat(dVn, b_dv, bh64 * NT * BT * V, NT * BT, V, i_c * BT, i_v * BV, BT, BV)
 
 
@@ -63,7 +63,7 @@ def chunk_flow_state_bwd_kernel(
     T, NT, L, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BKF: tl.constexpr,
     BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, MAP: tl.constexpr,
-    DT: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
     # reverse over chunks [i_g·L, min(NT, i_g·L + L)) from the group's end gradient dht[(b·H + h)·P + g].
     # dS_start = Φ dS_end + E with Φ = e^{G_end} I − Wᵀ diag(κ) K per chunk, E = (e^G qs)ᵀ dO − Wᵀ dVn_local.
@@ -102,19 +102,21 @@ def chunk_flow_state_bwd_kernel(
             b_q = (b_q.to(tl.float32) * scale).to(DT)
         if MAP:
             p_rv = (bh64 * NT * BT + i_c * BT) * V + (tl.arange(0, BT) * V)[:, None] + (o_c - K)[None, :]
-            b_dvn = tl.load(dVn + p_rv, mask=m_inh, other=0.0).to(tl.float32) + tl.dot(b_k, b_dh.to(DT))
+            b_dvn = tl.load(dVn + p_rv, mask=m_inh, other=0.0).to(tl.float32)
+            b_dvn += tl.dot(b_k, b_dh.to(DT), input_precision=PREC)
             p_do = do + ((i_b.to(tl.int64) * T + t0) * H + i_h) * V
             p_do += (tl.arange(0, BQ) * (H * V))[:, None] + (o_c - K)[None, :]
             b_do = tl.load(p_do, mask=(t0 + tl.arange(0, BQ) < t_q)[:, None] & m_inh, other=0.0).to(DT)
         else:
             b_dvn = load_mat(dVn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV).to(tl.float32)
-            b_dvn += tl.dot(b_k, b_dh.to(DT))
+            b_dvn += tl.dot(b_k, b_dh.to(DT), input_precision=PREC)
             store_mat(dVn, b_dvn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV)
             b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, c0, BQ, 1, BV).to(DT)
         b_w = load_mat(W, bh64 * NT * BT * K, NT * BT, K, i_c * BT, 0, BT, BKF).to(DT)
         if GATED:
             b_dh = b_dh * tl.exp(g_end)
-        b_dh += tl.dot(tl.trans(b_q), b_do) - tl.dot(tl.trans(b_w), b_dvn.to(DT))
+        b_dh += tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
+        b_dh -= tl.dot(tl.trans(b_w), b_dvn.to(DT), input_precision=PREC)
     if STORE_DH0:
         store_mat(dh0, b_dh, (bh64 * P + i_g) * K * VW, K, VW, 0, c0, BKF, BV)
 
@@ -125,7 +127,7 @@ def chunk_flow_grads_bwd_kernel(
     dq, dk, dv, dbeta, dG_row, dG_q, scale,
     T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PRODUCT: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
+    BV: tl.constexpr, PRODUCT: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -159,9 +161,9 @@ def chunk_flow_grads_bwd_kernel(
         b_dvn = load_mat(dVn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
         b_u = load_mat(U, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
         b_v = load_rows(v, i_b, i_h, t0, T, T, H, R, V, v0, BC, R_PAD, BV)
-        b_Dp += tl.dot(b_do, tl.trans(b_vn))
-        b_dvb = tl.dot(tl.trans(b_Ai), b_dvn)
-        b_dA -= tl.dot(b_dvb.to(DT), tl.trans(b_u))
+        b_Dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        b_dvb = tl.dot(tl.trans(b_Ai), b_dvn, input_precision=PREC)
+        b_dA -= tl.dot(b_dvb.to(DT), tl.trans(b_u), input_precision=PREC)
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         store_rows(dv, b_dvb * b_beta[:, None], i_b, i_h, t0, T, T, H, R, V, v0, BC, R_PAD, BV)
 
@@ -173,15 +175,15 @@ def chunk_flow_grads_bwd_kernel(
         b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, k0, BQ, 1, BK).to(DT)
         b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, k0, BC, R_PAD, BK).to(DT)
         b_w = load_mat(W, bK, NT * BT, K, r0, k0, BT, BK).to(DT)
-        b_s += tl.dot(b_q, tl.trans(b_k))
-        b_gram += tl.dot(b_k, tl.trans(b_k))
+        b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_gram += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
         b_dW = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             b_dvn = load_mat(dVn, bV, NT * BT, V, r0, i_v * BV, BT, BV).to(DT)
             b_h = load_mat(h, sbase, K, V, k0, i_v * BV, BK, BV).to(DT)
-            b_dW -= tl.dot(b_dvn, tl.trans(b_h))
-        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(DT))
-        b_dA -= tl.dot(b_dkb.to(DT), tl.trans(b_w))
+            b_dW -= tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(DT), input_precision=PREC)
+        b_dA -= tl.dot(b_dkb.to(DT), tl.trans(b_w), input_precision=PREC)
 
     if GATED:
         b_G, b_Gq, g_end = _gates(Gtok, bh64, i_c, NT, BC, BT, BQ, R_PAD)
@@ -225,15 +227,16 @@ def chunk_flow_grads_bwd_kernel(
             b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, v0, BQ, 1, BV).to(DT)
             b_vn = load_mat(Vn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
             b_dvn = load_mat(dVn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
-            b_dW -= tl.dot(b_dvn, tl.trans(b_h))
-            b_dqi += tl.dot(b_do, tl.trans(b_h))
-            b_kds += tl.dot(b_vn, tl.trans(b_dhc))
+            b_dW -= tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
+            b_dqi += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+            b_kds += tl.dot(b_vn, tl.trans(b_dhc), input_precision=PREC)
             if GATED:
                 b_end += tl.sum(tl.sum(b_h.to(tl.float32) * b_dhc.to(tl.float32), 1), 0) * tl.exp(g_end)
-        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(DT))
-        b_dq = (b_dqi * b_gq[:, None] + tl.dot(b_DpDd, b_k)) * scale
-        b_dk = tl.dot(tl.trans(b_DpDd), b_q) * scale + b_kds * b_kap[:, None] + b_dkb * (b_beta * b_gam)[:, None]
-        b_dk += tl.dot(b_Pd, b_k) + tl.dot(tl.trans(b_Pd), b_k)
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(DT), input_precision=PREC)
+        b_dq = (b_dqi * b_gq[:, None] + tl.dot(b_DpDd, b_k, input_precision=PREC)) * scale
+        b_dk = tl.dot(tl.trans(b_DpDd), b_q, input_precision=PREC) * scale + b_kds * b_kap[:, None]
+        b_dk += b_dkb * (b_beta * b_gam)[:, None]
+        b_dk += tl.dot(b_Pd, b_k, input_precision=PREC) + tl.dot(tl.trans(b_Pd), b_k, input_precision=PREC)
         b_kf = b_k.to(tl.float32)
         b_dkk = tl.sum(b_dkb * b_kf, 1)
         b_db += b_gam * b_dkk

@@ -65,6 +65,7 @@ def chunk_flow_state_fwd_kernel(
     T, NT, L, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
     GATED: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, MAP: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # program (i_v, i_bh, i_g) runs chunks [i_g·L, min(NT, i_g·L + L)) of one head from its group's start state
     # h0[(b·H + h)·P + g]. MAP: the state tile is [M | D] (K + V columns) from [I | 0] with values [0 | U], i.e. the
@@ -92,7 +93,7 @@ def chunk_flow_state_fwd_kernel(
             b_u = tl.load(p_u, mask=((o_c >= K) & (o_c < K + V))[None, :], other=0.0).to(tl.float32)
         else:
             b_u = load_mat(U, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV).to(tl.float32)
-        b_vn = b_u - tl.dot(b_w, b_h.to(DT))
+        b_vn = b_u - tl.dot(b_w, b_h.to(DT), input_precision=PREC)
         if not MAP:
             store_mat(Vn, b_vn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV)
         b_k = load_rows(k, i_b, i_h, i_c * BC, T, T, H, R, K, 0, BC, R_PAD, BKF)
@@ -100,7 +101,7 @@ def chunk_flow_state_fwd_kernel(
             b_G, _, g_end = _gates(Gtok, bh64, i_c, NT, BC, BT, 16, R_PAD)
             b_k = (b_k.to(tl.float32) * tl.exp(g_end - b_G)[:, None]).to(DT)
             b_h = b_h * tl.exp(g_end)
-        b_h += tl.dot(tl.trans(b_k.to(DT)), b_vn.to(DT))
+        b_h += tl.dot(tl.trans(b_k.to(DT)), b_vn.to(DT), input_precision=PREC)
     if STORE_HT:
         store_mat(hT, b_h, (bh64 * P + i_g) * K * VW, K, VW, 0, c0, BKF, BV)
 
@@ -110,7 +111,7 @@ def chunk_flow_output_fwd_kernel(
     q, k, Vn, h, Gtok, o, scale,
     T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
+    BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -124,8 +125,8 @@ def chunk_flow_output_fwd_kernel(
         b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, i_k * BK, BQ, 1, BK).to(DT)
         b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
         b_hk = load_mat(h, (bh64 * NT + i_c) * K * V, K, V, i_k * BK, v0, BK, BV).to(DT)
-        b_o += tl.dot(b_q, b_hk)
-        b_s += tl.dot(b_q, tl.trans(b_k))
+        b_o += tl.dot(b_q, b_hk, input_precision=PREC)
+        b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     o_q = tl.arange(0, BQ)
     vis = (tl.arange(0, BT) // R_PAD)[None, :] <= o_q[:, None]
     if GATED:
@@ -134,5 +135,5 @@ def chunk_flow_output_fwd_kernel(
         b_s = b_s * tl.exp(tl.where(vis, b_Gq[:, None] - b_G[None, :], 0.0))
     b_s = tl.where(vis, b_s, 0.0)
     b_vn = load_mat(Vn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, v0, BT, BV).to(DT)
-    b_o = (b_o + tl.dot(b_s.to(DT), b_vn)) * scale
+    b_o = (b_o + tl.dot(b_s.to(DT), b_vn, input_precision=PREC)) * scale
     store_rows(o, b_o, i_b, i_h, t0, t_q, T, H, 1, V, v0, BQ, 1, BV)

@@ -5,8 +5,8 @@
 # (strictly earlier token: sum form; strictly earlier row: product form), Ainv = (I + A)⁻¹, W = Ainv (β e^G K),
 # U = Ainv (β V).
 #
-# The inverse is blocked as in fla's solve_tril: the 16×16 diagonal blocks by forward substitution (16 cheap steps on a
-# 16×16 tile instead of 64 steps on the whole 64×64 tile), the off-diagonal blocks by
+# The inverse is blocked as in fla's solve_tril: the 16×16 diagonal blocks by a doubling product (see _inv16), the
+# off-diagonal blocks by
 #   X_ij = −X_ii Σ_{j≤m<i} A_im X_mj   (X = Ainv; off-diagonal blocks of I + A are those of A),
 # with fp32 16×16×16 products. Off-diagonal blocks are fully coupled in both forms: R_PAD ≤ 8 divides 16, so every row
 # of a later 16-row block belongs to a strictly later token.
@@ -60,15 +60,21 @@ def _a_off(gram, b_beta_i, b_G_i, b_G_j, GATED: tl.constexpr):
 
 @triton.jit
 def _inv16(A):
-    """(I + A)⁻¹ of a strictly lower 16×16 fp32 tile: N_i = L_i + Σ_{j<i} L_ij N_j with L = −A, result I + N."""
+    """(I + A)⁻¹ of a strictly lower 16×16 fp32 tile by doubling: A is nilpotent (A¹⁶ = 0) and
+    (I + A)(I − A)(I + A²)(I + A⁴)(I + A⁸) = I − A¹⁶ = I, so the four factors multiply to the inverse. Seven
+    16×16×16 products instead of 15 dependent row steps, each a cross-thread reduction (measured on H100: with the row
+    loop this kernel took ~0.73 ms of a 5 ms fwd+bwd at B4 T8192 H16 D128)."""
     o = tl.arange(0, 16)
-    L = -A
-    for i in range(1, 16):
-        sel = o == i
-        a = tl.sum(tl.where(sel[:, None], L, 0.0), 0)
-        a = a + tl.sum(a[:, None] * L, 0) * (o < i)
-        L = tl.where(sel[:, None], a[None, :], L)
-    return L + (o[:, None] == o[None, :]).to(tl.float32)
+    eye = (o[:, None] == o[None, :]).to(tl.float32)
+    A2 = _mm(A, A)
+    A4 = _mm(A2, A2)
+    A8 = _mm(A4, A4)
+    return _mm(_mm(_mm(eye - A, eye + A2), eye + A4), eye + A8)
+
+
+@triton.jit
+def _d(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -95,7 +101,7 @@ def chunk_flow_wy_fwd_kernel(
     k, v, beta, Gtok, W, U, Ainv,
     T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRODUCT: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr,
+    PRODUCT: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     NB: tl.constexpr = BT // 16
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -120,21 +126,21 @@ def chunk_flow_wy_fwd_kernel(
     # Gram blocks K_i K_jᵀ (lower triangle of blocks)
     for i_k in range(tl.cdiv(K, BK)):
         k0 = _ld(k, i_b, i_h, i_c, 0, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
-        g00 += tl.dot(k0, tl.trans(k0))
+        g00 += _d(k0, tl.trans(k0), PREC)
         if NB >= 2:
             k1 = _ld(k, i_b, i_h, i_c, 1, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
-            g10 += tl.dot(k1, tl.trans(k0))
-            g11 += tl.dot(k1, tl.trans(k1))
+            g10 += _d(k1, tl.trans(k0), PREC)
+            g11 += _d(k1, tl.trans(k1), PREC)
         if NB == 4:
             k2 = _ld(k, i_b, i_h, i_c, 2, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
             k3 = _ld(k, i_b, i_h, i_c, 3, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(DT)
-            g20 += tl.dot(k2, tl.trans(k0))
-            g21 += tl.dot(k2, tl.trans(k1))
-            g22 += tl.dot(k2, tl.trans(k2))
-            g30 += tl.dot(k3, tl.trans(k0))
-            g31 += tl.dot(k3, tl.trans(k1))
-            g32 += tl.dot(k3, tl.trans(k2))
-            g33 += tl.dot(k3, tl.trans(k3))
+            g20 += _d(k2, tl.trans(k0), PREC)
+            g21 += _d(k2, tl.trans(k1), PREC)
+            g22 += _d(k2, tl.trans(k2), PREC)
+            g30 += _d(k3, tl.trans(k0), PREC)
+            g31 += _d(k3, tl.trans(k1), PREC)
+            g32 += _d(k3, tl.trans(k2), PREC)
+            g33 += _d(k3, tl.trans(k3), PREC)
 
     # blocked inverse
     x00 = _inv16(_a_diag(g00, o0, tok0, be0, G0, PRODUCT, GATED))
@@ -191,25 +197,25 @@ def chunk_flow_wy_fwd_kernel(
         y30, y31, y32, y33 = x30.to(DT), x31.to(DT), x32.to(DT), x33.to(DT)
     for i_k in range(tl.cdiv(K, BK)):
         k0 = (_ld(k, i_b, i_h, i_c, 0, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(tl.float32) * c0).to(DT)
-        _st(W, tl.dot(y00, k0), bh64, i_c, 0, NT, K, i_k * BK, BT, BK)
+        _st(W, _d(y00, k0, PREC), bh64, i_c, 0, NT, K, i_k * BK, BT, BK)
         if NB >= 2:
             k1 = (_ld(k, i_b, i_h, i_c, 1, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(tl.float32) * c1).to(DT)
-            _st(W, tl.dot(y10, k0) + tl.dot(y11, k1), bh64, i_c, 1, NT, K, i_k * BK, BT, BK)
+            _st(W, _d(y10, k0, PREC) + _d(y11, k1, PREC), bh64, i_c, 1, NT, K, i_k * BK, BT, BK)
         if NB == 4:
             k2 = (_ld(k, i_b, i_h, i_c, 2, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(tl.float32) * c2).to(DT)
             k3 = (_ld(k, i_b, i_h, i_c, 3, T, H, R, K, i_k * BK, BC, R_PAD, BK).to(tl.float32) * c3).to(DT)
-            _st(W, tl.dot(y20, k0) + tl.dot(y21, k1) + tl.dot(y22, k2), bh64, i_c, 2, NT, K, i_k * BK, BT, BK)
-            w3 = tl.dot(y30, k0) + tl.dot(y31, k1) + tl.dot(y32, k2) + tl.dot(y33, k3)
+            _st(W, _d(y20, k0, PREC) + _d(y21, k1, PREC) + _d(y22, k2, PREC), bh64, i_c, 2, NT, K, i_k * BK, BT, BK)
+            w3 = _d(y30, k0, PREC) + _d(y31, k1, PREC) + _d(y32, k2, PREC) + _d(y33, k3, PREC)
             _st(W, w3, bh64, i_c, 3, NT, K, i_k * BK, BT, BK)
     for i_v in range(tl.cdiv(V, BV)):
         v0 = (_ld(v, i_b, i_h, i_c, 0, T, H, R, V, i_v * BV, BC, R_PAD, BV).to(tl.float32) * be0[:, None]).to(DT)
-        _st(U, tl.dot(y00, v0), bh64, i_c, 0, NT, V, i_v * BV, BT, BV)
+        _st(U, _d(y00, v0, PREC), bh64, i_c, 0, NT, V, i_v * BV, BT, BV)
         if NB >= 2:
             v1 = (_ld(v, i_b, i_h, i_c, 1, T, H, R, V, i_v * BV, BC, R_PAD, BV).to(tl.float32) * be1[:, None]).to(DT)
-            _st(U, tl.dot(y10, v0) + tl.dot(y11, v1), bh64, i_c, 1, NT, V, i_v * BV, BT, BV)
+            _st(U, _d(y10, v0, PREC) + _d(y11, v1, PREC), bh64, i_c, 1, NT, V, i_v * BV, BT, BV)
         if NB == 4:
             v2 = (_ld(v, i_b, i_h, i_c, 2, T, H, R, V, i_v * BV, BC, R_PAD, BV).to(tl.float32) * be2[:, None]).to(DT)
             v3 = (_ld(v, i_b, i_h, i_c, 3, T, H, R, V, i_v * BV, BC, R_PAD, BV).to(tl.float32) * be3[:, None]).to(DT)
-            _st(U, tl.dot(y20, v0) + tl.dot(y21, v1) + tl.dot(y22, v2), bh64, i_c, 2, NT, V, i_v * BV, BT, BV)
-            u3 = tl.dot(y30, v0) + tl.dot(y31, v1) + tl.dot(y32, v2) + tl.dot(y33, v3)
+            _st(U, _d(y20, v0, PREC) + _d(y21, v1, PREC) + _d(y22, v2, PREC), bh64, i_c, 2, NT, V, i_v * BV, BT, BV)
+            u3 = _d(y30, v0, PREC) + _d(y31, v1, PREC) + _d(y32, v2, PREC) + _d(y33, v3, PREC)
             _st(U, u3, bh64, i_c, 3, NT, V, i_v * BV, BT, BV)

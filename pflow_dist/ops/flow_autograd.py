@@ -1,13 +1,14 @@
-# autograd.Function of the Triton flow op (kernels/flow/chunk.py). The forward saves only the inputs: the backward
-# recomputes the WY factors and the chunk states (memory O(inputs), as fla's chunk_delta_rule) and runs the
-# reverse state pass and the per-chunk gradient kernel. Papers: see kernels/flow/chunk_fwd.py.
+# autograd.Function of the Triton flow op (kernels/flow/chunk.py). The forward keeps the WY factors and chunk states
+# for the backward when they fit comfortably (kernels/flow/chunk.py keep_intermediates), else it saves only the
+# inputs and the backward recomputes them (memory O(inputs), as fla's chunk_delta_rule); then the reverse state pass
+# and the per-chunk gradient kernel. Papers: see kernels/flow/chunk_fwd.py.
 """Autograd wrappers of the Triton flow kernels: ``triton_chunk_flow`` and ``triton_flow_map``."""
 
 from __future__ import annotations
 
 import torch
 
-from ..kernels.flow.chunk import chunk_flow_bwd, chunk_flow_fwd, plan_chunks, token_cumsum
+from ..kernels.flow.chunk import chunk_flow_bwd, chunk_flow_fwd, keep_intermediates, plan_chunks, token_cumsum
 from ..kernels.flow.shapes import FlowDims, as_rank_r
 
 __all__ = ["triton_chunk_flow", "triton_flow_map"]
@@ -23,8 +24,9 @@ class ChunkFlowFunction(torch.autograd.Function):
         q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
         G = token_cumsum(g, p)
         h0f = None if h0 is None else h0.float().contiguous()
-        o, hT = chunk_flow_fwd(q, k, v, beta, G, scale, h0f, output_final_state, p)
-        ctx.save_for_backward(q, k, v, beta, G, h0f)
+        keep = keep_intermediates(p, q)
+        o, hT, saved = chunk_flow_fwd(q, k, v, beta, G, scale, h0f, output_final_state, p, keep=keep)
+        ctx.save_for_backward(q, k, v, beta, G, h0f, *(saved or ()))
         ctx.plan, ctx.scale = p, scale
         ctx.h0_dtype = None if h0 is None else h0.dtype
         ctx.g_dtype = None if g is None else g.dtype
@@ -32,11 +34,11 @@ class ChunkFlowFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, G, h0f = ctx.saved_tensors
+        q, k, v, beta, G, h0f, *saved = ctx.saved_tensors
         p = ctx.plan
         dht = None if dht is None else dht.float().contiguous()
         dq, dk, dv, dbeta, dg, dh0 = chunk_flow_bwd(
-            q, k, v, beta, G, ctx.scale, h0f, do.contiguous(), dht, p, need_dh0=h0f is not None
+            q, k, v, beta, G, ctx.scale, h0f, do.contiguous(), dht, p, need_dh0=h0f is not None, saved=saved or None
         )
         dg = None if dg is None else dg.to(ctx.g_dtype)
         dh0 = None if dh0 is None else dh0.to(ctx.h0_dtype)
