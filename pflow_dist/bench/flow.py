@@ -10,7 +10,9 @@ g = logsigmoid(·) when gated):
   fla-core is installed and on CUDA;
 - ``torch-chunked``: the chunked WY reference of ``kernels/flow/naive.py`` accumulating in float32 (CPU only: on a
   GPU its Python loop over chunks only wastes device time).
-``extra.rel_err`` is each output's relative RMS error against the float64 reference on the same inputs.
+``extra.rel_err`` is each output's relative RMS error against the float64 reference on the same inputs (the product
+form for rank-R cases: on ``ours-sum`` rows it measures how far the sum form is from the product form, not an error;
+``python -m pflow_dist.bench.flow check`` measures the sum form's error against its own reference).
 
 ``python -m pflow_dist.bench.flow longest`` searches the longest T that fits for fwd+bwd at B=1, H=16, D=128 (bf16).
 """
