@@ -4,6 +4,12 @@
 # affine flows S_end = M S_start + D; rank-R sum form. DeltaProduct (Siems et al. 2025, arXiv 2502.10297): the
 # product form. Chunked WY / UT transform: Yang et al. 2024 (arXiv 2406.06484). Math: DESIGN.md §3,
 # kernels/flow/naive.py.
+#
+# Backends: "triton" = kernels/flow/chunk*.py (autograd in flow_autograd.py); "torch" = naive_chunk_flow with fp32
+# accumulation and torch autograd (the CPU path). Inside the Triton path the inter-chunk recurrence is either one
+# sequential pass per (head, V block) or, when that leaves most SMs idle (long single sequences), the second algorithm
+# of DESIGN.md §3 in grouped form: chunk-group flows (M, D) in parallel, composed, then the chunk states
+# (kernels/flow/chunk_scan.py; chosen per shape by num_groups, measured in benchmarks/results/flow_groups_h100.jsonl).
 """Public flow op: ``chunk_flow`` (outputs and final state) and ``flow_map`` (the sequence's affine flow)."""
 
 from __future__ import annotations
