@@ -103,7 +103,7 @@ def gru_linearize_triton(
     h0: torch.Tensor | None, wdiag: torch.Tensor, structured: bool, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher of the GRU Newton terms; outputs as :func:`gru_linearize_torch`, but gh is given unshifted:
-    ``G = h W_hhᵀ`` ``[B, T, 3n]`` of the iterate, ``gh0 = W_hh h_0 + b_hh`` ``[B, 3n]`` and ``bias = b_hh`` ``[3n]``."""
+    ``G = h W_hhᵀ`` ``[B, T, 3n]`` of the iterate, ``gh0 = W_hh h_0 + b_hh`` ``[B, 3n]``, ``bias = b_hh`` ``[3n]``."""
     B, T, n = h.shape
     R = B * T
     res = torch.empty(B, T, n, device=h.device, dtype=torch.float32)

@@ -43,7 +43,7 @@ def _load_A(a_ptr, coef_ptr, m1, m2, m3, bi, ta, T, n, ri, ci, vr, vc,
     mask2 = (ri[:, None] < n) & (ci[None, :] < n) & valid2
     if STRUCT:
         row = bi.to(tl.int64) * T * (K + 1) * n + ta.to(tl.int64) * (K + 1) * n
-        if REVERSE:  # Aᵀ[i, j] = δ_ij c0_j + Σ_k M_k[j, i] c_k[j]: the coefficients scale columns (m_k passed transposed)
+        if REVERSE:  # Aᵀ[i, j] = δ_ij c0_j + Σ_k M_k[j, i] c_k[j]: coefficients scale columns (m_k come transposed)
             cidx = ci
             cm = (ci < n) & vc
         else:  # A[i, j] = δ_ij c0_i + Σ_k c_k[i] M_k[i, j]: the coefficients scale rows

@@ -8,12 +8,12 @@
 # Three ways to get it (chosen by shape, see diag_scan_triton):
 # - "loop": one program per (sequence, channel group) walks the sequence tile after tile, carrying the state
 #   (accelerated-scan's design): one pass, no communication; needs B · channel groups ≥ LOOP_MIN_SEQS to fill the GPU.
-# - "lookback" (one pass, the default on GPU): the single-pass scan with decoupled look-back (Merrill & Garland 2016,
+# - "lookback" (one pass over tiles): the single-pass scan with decoupled look-back (Merrill & Garland 2016,
 #   "Single-pass Parallel Prefix Scan with Decoupled Look-back"; CUB's DeviceScan). Tiles take their index from an
 #   atomic counter (so a tile only ever waits on tiles that already run: no deadlock whatever the block scheduler
 #   does), publish their aggregate map, then walk back over the predecessors' published maps WINDOW at a time until
 #   one has published its inclusive state, compose, and publish their own inclusive state. Every input is read once
-#   and h written once: the minimum traffic, 3 tensors, which is what a memory-bound scan can reach (≈ copy speed).
+#   and h written once: the minimum traffic, 3 tensors. Measured, it is latency-bound (it ties with three-pass).
 #   The published words carry their own validity (a NaN bit pattern SENTINEL marks "not yet"), so no memory fence
 #   between words is needed: a reader only uses words it has seen valid, loaded volatile (from L2, never stale L1).
 # - "chunk" (three passes): tile aggregates → a scan over the aggregates (recursively, the same op) → a second pass
@@ -273,11 +273,12 @@ def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = N
     return bt, bn, 4
 
 
-# Look-back pays off when enough independent sequences (n_seq = B · channel groups) advance side by side: a chain's
-# inclusive states advance about WINDOW tiles per global-memory round trip (~1 µs), so n_seq · WINDOW tiles of 24 KB
-# per µs must cover the bandwidth (≈ 3 TB/s) → n_seq ≥ 8. Fewer, longer chains (T = 2^24 over 16 channels) take the
-# three-pass algorithm: 5 tensor passes instead of 3, but no chain latency.
-LOOKBACK_MIN_SEQS = 8
+# Look-back needs enough independent sequences (n_seq = B · channel groups) advancing side by side: a chain's
+# inclusive states advance about WINDOW tiles per global-memory round trip (~1 µs). Measured on H100 (2^28 fp32
+# elements, benchmarks/results/scan_h100.jsonl): at n_seq = 8 (B1 T2^20 N256) look-back took 2.51 ms against 2.03 ms
+# for the three-pass form; at n_seq ≥ 32 the two tie within 5% (≈ 1.9-2.0 ms, ~64% of copy: look-back is latency-
+# bound at ≈ 3 programs per SM, see diag_tile_config). Fewer, longer chains take the three-pass algorithm.
+LOOKBACK_MIN_SEQS = 32
 # With ≥ LOOP_MIN_SEQS sequences × channel groups (one per SM), each program simply walks its own sequence with
 # prefetched tiles: one pass, no look-back latency (the short-T regime; channel groups narrow to 8 to get there).
 LOOP_MIN_SEQS = 128

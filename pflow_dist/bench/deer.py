@@ -3,10 +3,10 @@
 Same inputs as ``bench gru`` (input size = hidden size nh, nn.GRU's init, x ~ N(0, 1), h0 = 0, fp32). Implementations:
 - ``ours``: ``pflow_dist.ops.deer.deer_rnn(..., method="quasi")`` (diagonal Jacobian: look-back diagonal scan);
 - ``ours-newton``: ``method="newton"`` (structured dense Jacobian, chunked dense scan, n ≤ 64);
-- ``torch.nn.GRU``: cuDNN, run over chunks of 2^14 steps carrying the hidden state (cuDNN refuses one call over 2^20
-  steps with CUDNN_STATUS_NOT_SUPPORTED on H100, and over 2^16-step slices too; DESIGN.md §10's "chunked"); gradients flow through the chunks.
+- ``torch.nn.GRU``: cuDNN over contiguous chunks of 2^14 steps carrying the hidden state (DESIGN.md §10's "chunked":
+  2^16-step strided slices got CUDNN_STATUS_NOT_SUPPORTED on H100); gradients flow through the chunks.
 ``python -m pflow_dist.bench.deer`` adds to every row (``finalize_rows``) the Newton iterations and the max abs error
-of each method against the sequential cuDNN result on the same inputs.
+of each method against the sequential cuDNN result (TF32 off) on the same inputs.
 """
 
 from __future__ import annotations
@@ -74,18 +74,21 @@ BENCH = Bench(
 
 
 def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case]) -> list[BenchRow]:
-    """Add ``iterations`` and ``max_abs_err_vs_sequential`` (against cuDNN fp32 on the same inputs) to the DEER
-    rows, and ``nh``/``T``/``B`` to every row."""
+    """Add ``iterations`` and ``max_abs_err_vs_sequential`` (against cuDNN in fp32 with TF32 off, on the same
+    inputs) to the DEER rows."""
     from ..ops.deer import deer_rnn
 
     stats: dict[tuple[str, str], dict] = {}
     for case in cases:
         inp = _inputs(case, torch.float32, device)
         with torch.no_grad():
-            try:
+            try:  # the reference in true fp32: cuDNN may otherwise use TF32 (torch.backends.cudnn.allow_tf32)
+                tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
                 seq = _cudnn(inp)[0]
             except Exception:  # cuDNN refused: compare with the float64 loop only where it is affordable
                 seq = _reference(inp).float() if case.params["T"] * case.params["B"] <= 2**16 else None
+            finally:
+                torch.backends.cudnn.allow_tf32 = tf32
             for impl, method in (("ours", "quasi"), ("ours-newton", "newton")):
                 try:
                     h, _, info = deer_rnn(_weights(inp), inp["x"], inp["h0"], method)
