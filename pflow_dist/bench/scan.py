@@ -116,7 +116,7 @@ def copy_bandwidth(device: torch.device, numel: int = _ELEMENTS) -> float | None
     return 2 * numel * 4 / (t.median_ms * 1e-3) / 1e9
 
 
-def finalize_rows(rows: list[BenchRow], device: torch.device) -> list[BenchRow]:
+def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case] | None = None) -> list[BenchRow]:
     """Add ``copy_GBps`` (measured now), ``effective_GBps`` and ``frac_of_copy`` to every timed row's ``extra``."""
     bw = copy_bandwidth(device)
     for row in rows:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = run_bench(BENCH, device=device, quick=args.quick, case_filter=args.case, impl_filter=args.impl,
                      modes=args.mode or None, rep=args.rep, on_row=lambda r: print(format_row(r), flush=True))
-    rows = finalize_rows(rows, device)
+    rows = finalize_rows(rows, device, None)
     if args.verify:
         verify_rows(rows, device, args.quick, args.verify_case or args.case)
     from rich.console import Console
