@@ -1,0 +1,178 @@
+# The two engines behind the one training loop. Both expose the same five calls (forward, backward, micro_step,
+# save, load) so the loop never branches on the engine:
+#   - DeepSpeedEngine: deepspeed.initialize over the model with the generated ds_config (ZeRO 0–3, bf16 on GPU,
+#     gradient clipping, torch AdamW) and the loop's LambdaLR; any world size.
+#   - PlainEngine: torch AdamW + LambdaLR + clip_grad_norm_ in one process. It exists because DeepSpeed's start-up
+#     (import, process-group set-up, engine construction) costs seconds that a one-minute CPU demo should spend on
+#     learning; its update is the same (tests compare the two).
+# The schedule (linear warm-up, cosine to min_lr_ratio) is written once, in lr_lambda.
+"""Engines of the training loop: DeepSpeed (``DeepSpeedEngine``) and single-process torch (``PlainEngine``)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import install_safe_deepspeed_loader, load_plain, save_plain
+from .config import RunConfig
+from .ds_config import build_ds_config
+
+__all__ = ["DeepSpeedEngine", "PlainEngine", "import_deepspeed", "lr_lambda", "param_groups"]
+
+
+def import_deepspeed():
+    """Import DeepSpeed; on its CPU accelerator, switch off the shared-memory all-reduce op.
+
+    DeepSpeed's CPU comm backend JIT-compiles a C++ extension (``deepspeed_shm_comm``) the first time a process
+    group is wrapped: minutes of g++ on a 2-core box, once per fresh environment, and a file lock that hangs other
+    processes if the build is killed. Gloo does the same collectives, so the op is marked incompatible
+    (``deepspeed.ops.__compatible_ops__`` is DeepSpeed's cached probe dict, edits to it persist).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def lr_lambda(cfg: RunConfig):
+    """The learning-rate multiplier of optimizer step ``s``: linear warm-up over ``warmup_steps`` to 1, then cosine
+    decay to ``min_lr_ratio`` at ``train.steps``."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices (dim ≥ 2, except conv filters) decay; norms, biases, conv filters, gates do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "conv" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class PlainEngine:
+    """One process, torch AdamW; bf16 autocast on CUDA when ``precision == "bf16"``."""
+
+    name = "plain"
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, precision: str) -> None:
+        o = cfg.optim
+        self.module = model.to(device)
+        self.device = device
+        self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                           eps=o.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.grad_accum = cfg.train.grad_accum
+        self.grad_clip = cfg.optim.grad_clip
+        self.bf16 = precision == "bf16"
+        self._micro = 0
+        self.last_grad_norm: float | None = None
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.module(input_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def micro_step(self) -> None:
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            return
+        if self.grad_clip > 0:
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def save(self, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> None:
+        save_plain(ckpt_dir, step, self.module, self.optimizer, self.scheduler, client_state)
+
+    def load(self, ckpt_dir: Path) -> dict[str, Any] | None:
+        return load_plain(ckpt_dir, self.module, self.optimizer, self.scheduler)
+
+
+class DeepSpeedEngine:
+    """``deepspeed.initialize`` with the generated config; ``torch.distributed`` must already be initialised."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, precision: str,
+                 world_size: int) -> None:
+        deepspeed = import_deepspeed()
+
+        self.ds_config = build_ds_config(cfg, world_size, device.type)
+        if precision != ("bf16" if self.ds_config["bf16"]["enabled"] else "fp32"):
+            raise AssertionError(f"precision mismatch: loop {precision}, ds_config {self.ds_config['bf16']}")
+        schedule = lr_lambda(cfg)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.to(device),
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        install_safe_deepspeed_loader(self.engine)
+        self.module = self.engine.module
+        self.device = device
+        self.bf16 = precision == "bf16"
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+
+    def micro_step(self) -> None:
+        self.engine.step()  # steps the optimizer and the scheduler only at the accumulation boundary
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> None:
+        from .checkpoint import step_tag
+
+        self.engine.save_checkpoint(str(ckpt_dir), tag=step_tag(step), client_state=client_state)
+
+    def load(self, ckpt_dir: Path) -> dict[str, Any] | None:
+        from .checkpoint import latest_tag
+
+        if latest_tag(ckpt_dir) is None:
+            return None
+        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=None)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint named by {Path(ckpt_dir) / 'latest'}")
+        return client_state
