@@ -7,7 +7,8 @@
 # (nondecreasing, b_1 = 0): on b_k <= θ < b_{k+1}, μ_j(θ) = (S_k − θ)/k. So g(θ) = Σ_j μ_j(θ) is piecewise linear,
 # decreasing and convex in θ; Newton from θ = 0 (where g = ‖Y‖_{1,∞} > C) stays below θ* and stops as soon as
 # every group's piece (k_j, alive) repeats, which is then exact (semismooth Newton in Chu et al.'s sense, with the
-# pieces read off a per-group sort: O(nm log n) for the sort + O(m log n) per Newton step).
+# pieces read off a per-group sort: O(nm log n) for the sort + one O(nm) counting pass per Newton step). This is
+# the sort-based family of exact solvers (Quattoni et al.), not Chu et al.'s sort-free semismooth Newton in C++.
 """Exact Euclidean ℓ1,∞-ball projection (sort + Newton on the common ℓ1 mass θ), the baseline of the papers."""
 
 from __future__ import annotations
@@ -60,37 +61,50 @@ def exact_l1inf_project(
     if x.numel() == 0:
         return x.clone() if out is None else out
     keep = [1 if d in rdims else x.shape[d] for d in range(x.dim())]
-    a = x.detach().abs().permute(list(gdims) + list(rdims)).reshape(math.prod(x.shape[d] for d in gdims), -1)
-    a = a.to(torch.float64)
-    total = a.amax(-1).sum().item()
+    # [n, G]: entries of a group down a column (a view, no copy, for the column groups of a row-major matrix)
+    y = x.detach().permute(list(rdims) + list(gdims)).reshape(-1, math.prod(x.shape[d] for d in gdims))
+    total = torch.maximum(y.amax(0), y.amin(0).neg()).to(torch.float64).sum().item() if y.shape[0] else 0.0
     if not math.isfinite(total):
         raise ValueError("x must be finite: NaN or Inf found")
     if total <= eta:
         return x.clone() if out is None else (out if out is x else out.copy_(x))
-    mu = _solve_mu(a, eta, max_iter) if eta > 0 else torch.zeros(a.shape[0], dtype=torch.float64, device=x.device)
+    if eta > 0:
+        mu = _solve_mu(_sorted_desc(y), eta, max_iter)
+    else:
+        mu = torch.zeros(y.shape[1], dtype=torch.float64, device=x.device)
     bound = mu.reshape(keep).to(x.dtype)
     return torch.clamp(x, -bound, bound, out=out) if out is not None else torch.clamp(x, -bound, bound)
 
 
-def _solve_mu(a: torch.Tensor, eta: float, max_iter: int) -> torch.Tensor:
-    """μ_j for ``a = |Y|`` as ``[G, n]`` float64 with ``Σ_j max a_j > eta > 0``."""
-    n = a.shape[1]
-    srt = torch.sort(a, dim=1, descending=True).values
-    S = srt.cumsum(1)
-    kk = torch.arange(1, n + 1, dtype=a.dtype, device=a.device)
-    b = (S - kk * srt).contiguous()  # breakpoints, nondecreasing per row
-    l1 = S[:, -1]
-    theta = torch.zeros(1, dtype=a.dtype, device=a.device)
+def _sorted_desc(y: torch.Tensor) -> torch.Tensor:
+    """|y| sorted in decreasing order down each column, float64. On CPU numpy's vectorised sort is ~3x faster than
+    torch.sort (measured on 1000x8000 float64, one thread); it sorts -|y| ascending in place."""
+    if y.device.type == "cpu":
+        neg = torch.empty(y.shape, dtype=torch.float64)
+        neg.copy_(y).abs_().neg_()
+        neg.numpy().sort(axis=0)
+        return neg.neg_()
+    return torch.sort(y.abs().to(torch.float64), dim=0, descending=True).values
+
+
+def _solve_mu(srt: torch.Tensor, eta: float, max_iter: int) -> torch.Tensor:
+    """μ_j from the columns of ``srt [n, G]`` (each sorted in decreasing order, float64), ``Σ_j srt[0, j] > eta > 0``.
+    """
+    n = srt.shape[0]
+    S = srt.cumsum(0)
+    kk = torch.arange(1, n + 1, dtype=srt.dtype, device=srt.device).unsqueeze(1)
+    b = S - kk * srt  # breakpoints h(a_k) = S_k − k·a_k, nondecreasing down a column
+    l1 = S[-1]
+    theta = torch.zeros((), dtype=srt.dtype, device=srt.device)
     prev = None
     for _ in range(max_iter):
-        ki = torch.searchsorted(b, theta.expand(a.shape[0], 1).contiguous(), right=True).squeeze(1)  # >= 1
+        ki = (b <= theta).sum(0)  # pieces: k_j = #{k : b_k <= θ} >= 1 (b_1 = 0)
         alive = theta < l1
-        Sk = S.gather(1, (ki - 1).unsqueeze(1)).squeeze(1)
-        k = ki.to(a.dtype)
-        state = (ki, alive)
+        Sk = S.gather(0, (ki - 1).unsqueeze(0)).squeeze(0)
+        k = ki.to(srt.dtype)
         if prev is not None and torch.equal(prev[0], ki) and torch.equal(prev[1], alive):
             return torch.where(alive, (Sk - theta) / k, 0).clamp_min_(0)
         inv = torch.where(alive, 1.0 / k, 0)
-        theta = ((torch.where(alive, Sk / k, 0).sum() - eta) / inv.sum()).clamp_min(0).reshape(1)
-        prev = state
+        theta = ((torch.where(alive, Sk / k, 0).sum() - eta) / inv.sum()).clamp_min(0)
+        prev = (ki, alive)
     raise RuntimeError(f"exact_l1inf_project: Newton on θ did not settle in {max_iter} steps (θ={theta.item():.6g})")

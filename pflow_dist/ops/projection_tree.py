@@ -48,11 +48,36 @@ def group_norm(x: torch.Tensor, norm: str, dims: tuple[int, ...]) -> torch.Tenso
         return x.abs().to(acc_dtype(x.dtype, norm))
     if norm == "linf":
         if x.device.type == "cpu" and x.dtype not in (torch.float16, torch.bfloat16):
+            v = _absmax_cpu_leading(x, dims)
+            if v is not None:
+                return v
             # two vectorised min/max passes beat vector_norm(ord=inf) by ~2x on CPU and need no |x| temporary
             return torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
         return torch.linalg.vector_norm(x, math.inf, dims, keepdim=True)
     ord_ = 1 if norm == "l1" else 2
     return torch.linalg.vector_norm(x, ord_, dims, keepdim=True, dtype=acc_dtype(x.dtype, norm))
+
+
+CPU_CHUNK_ELEMS = 1 << 18  # 2 MiB of float64: |x| of a chunk stays in cache between abs and max
+
+
+def _absmax_cpu_leading(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | None:
+    """max |x| over leading dims (column groups of W[out, in]) in one read of x: |x| of a slab of rows goes into a
+    cache-sized buffer and is max-reduced from there (single thread: 2x faster than amax + amin). None when the
+    layout does not fit (then the caller uses two passes)."""
+    k = len(dims)
+    if dims != tuple(range(k)) or k == x.dim() or x.numel() < 4 * CPU_CHUNK_ELEMS or not x.is_contiguous():
+        return None
+    R = math.prod(x.shape[:k])
+    x2 = x.view(R, -1)
+    rows = max(1, CPU_CHUNK_ELEMS // x2.shape[1])
+    buf = torch.empty(min(rows, R), x2.shape[1], dtype=x.dtype)
+    v = torch.zeros(x2.shape[1], dtype=x.dtype)
+    for i in range(0, R, rows):
+        b = buf[: min(rows, R - i)]
+        torch.abs(x2[i:i + rows], out=b)
+        torch.maximum(v, b.amax(0), out=v)  # amax and maximum propagate NaN
+    return v.view([1] * k + list(x.shape[k:]))
 
 
 def upward(x: torch.Tensor, tree: ProjectionTree, stop: int = 0) -> list[torch.Tensor | None]:

@@ -384,3 +384,22 @@ def test_all_combinations_small_tree():
         eta = 0.3 * naive_mixed_norm(x, norms)
         assert_close(str(norms), naive_multilevel_project(x, eta, norms), multilevel_project(x, eta, norms), 1e-13,
                      atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+def test_cpu_chunked_absmax_large_column_groups(dtype):
+    """Column groups of a tensor above the chunking threshold take the one-read CPU path: same values, NaN kept."""
+    from pflow_dist.ops.projection_tree import CPU_CHUNK_ELEMS
+
+    x = torch.randn(4 * CPU_CHUNK_ELEMS // 1000 + 3, 1000, dtype=dtype)
+    assert torch.equal(group_norm(x, "linf", 0), x.abs().amax(0))
+    x3 = x.view(-1, 10, 100)
+    assert torch.equal(group_norm(x3, "linf", (0, 1)), x3.abs().amax((0, 1)))
+    eta = 0.05 * float(x.abs().amax(0).double().sum())
+    out = bilevel_project(x, eta)
+    assert torch.equal(out, x.clamp(-out.abs().amax(0), out.abs().amax(0)))
+    assert float(mixed_norm(out, ("l1", "linf"), ((1,), (0,)))) == pytest.approx(eta, rel=1e-6)
+    x[7, 3] = float("nan")
+    assert torch.isnan(group_norm(x, "linf", 0)[3])
+    with pytest.raises(ValueError, match="finite"):
+        bilevel_project(x, eta)
