@@ -65,6 +65,8 @@ class Bench:
         grad_inputs: names of the inputs that receive gradients in ``fwd+bwd`` mode.
         reference: float64 output for the error column (skipped when ``None`` or ``check_limit`` says so).
         check_limit: returns False for cases too large for the reference.
+        finalize: adds bench-specific metrics to the finished rows (e.g. the copy bandwidth measured in the same run,
+            solver iterations); called once with the rows and the cases that ran.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Bench:
     shapes: Callable[[Inputs], dict[str, list[int]]] = field(
         default=lambda inputs: {k: list(v.shape) for k, v in inputs.items()}
     )
+    finalize: Callable[[list[BenchRow], torch.device, list[Case]], list[BenchRow]] | None = None
 
 
 def get_bench(name: str) -> Bench:
@@ -204,4 +207,6 @@ def run_bench(
         del inputs, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if bench.finalize is not None:
+        rows = bench.finalize(rows, device, cases)
     return rows
