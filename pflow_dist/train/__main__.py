@@ -20,15 +20,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .config import load_config
+    from pflow_dist.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        from .ds_config import build_ds_config
+        from pflow_dist.train.ds_config import build_ds_config
 
         print(json.dumps({"config": cfg.to_dict(), "ds_config(world_size=1)": build_ds_config(cfg, 1)}, indent=2))
         return 0
-    from . import train
+    from pflow_dist.train import train
 
     summary = train(cfg)
     summary.pop("history", None)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["get_rng_state", "install_safe_deepspeed_loader", "latest_tag", "load_plain", "safe_load",
+__all__ = ["deepspeed_safe_globals", "get_rng_state", "install_safe_deepspeed_loader", "latest_tag", "load_plain", "safe_load",
            "save_plain", "set_rng_state", "step_tag"]
 
 LATEST = "latest"  # the file DeepSpeed also uses to name the newest tag
@@ -123,31 +123,21 @@ def load_plain(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
 
 # ---- DeepSpeed ---------------------------------------------------------------------------------------------------
 
-def _deepspeed_safe_globals() -> list:
-    """Non-tensor classes pickled into DeepSpeed 0.19 checkpoints (module states and ZeRO optimizer states)."""
-    out: list = []
+def deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its checkpoints: ``LossScaler``, ``ZeroStageEnum`` and
+    ``fragment_address`` in ZeRO 1–3 optimizer states (fp32 and bf16; listed with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``), ``DynamicLossScaler`` with fp16."""
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
-
-        out += [LossScaler, ZeroStageEnum, fragment_address]
-    except ImportError:  # pragma: no cover - other DeepSpeed versions: loading will name the class to allow
-        pass
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
-
-        out.append(DynamicLossScaler)
-    except ImportError:  # pragma: no cover
-        pass
-    from collections import OrderedDict
-
-    out += [OrderedDict, set]
-    return out
+    except ImportError:  # pragma: no cover - other DeepSpeed versions: the load error names the class to allow
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def install_safe_deepspeed_loader(engine: Any) -> None:
-    """Make ``engine.load_checkpoint`` unpickle with ``weights_only=True`` (allow-list: :func:`_deepspeed_safe_globals`).
+    """Make ``engine.load_checkpoint`` unpickle with ``weights_only=True`` (allow-list: :func:`deepspeed_safe_globals`).
 
     Only the default ``TorchCheckpointEngine`` is replaced; other engines (e.g. a fast-writer config) are left alone
     and reported by a ``TypeError``, so an unsafe loader is never used silently.
@@ -160,7 +150,7 @@ def install_safe_deepspeed_loader(engine: Any) -> None:
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            return safe_load(path, map_location=map_location, extra_safe_globals=_deepspeed_safe_globals())
+            return safe_load(path, map_location=map_location, extra_safe_globals=deepspeed_safe_globals())
 
     safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
     safe.__dict__.update(current.__dict__)
