@@ -100,3 +100,12 @@ def test_cli_info_json():
     data = json.loads(res.output)
     assert data["packages"]["torch"] == torch.__version__.split("+")[0] or data["packages"]["torch"] == torch.__version__
     assert {"cuda_devices", "triton_backend", "ray_available", "deepspeed_available"} <= set(data)
+
+
+def test_module_entry_without_typer(tmp_path):
+    from pflow_dist.bench.__main__ import main
+
+    out = tmp_path / "g.jsonl"
+    assert main(["gru", "--quick", "--case", "B2-nh8-T64", "--mode", "fwd", "--warmup", "0", "--rep", "1",
+                 "--out", str(out)]) == 0
+    assert {r["impl"] for r in read_jsonl(out)} == {"ours", "torch.nn.GRU"}
