@@ -183,6 +183,8 @@ def naive_exact_l1inf_project(
     total = sum(float(g.max()) if g.numel() else 0.0 for g in groups)
     if total <= eta:
         mu = [float(g.max()) if g.numel() else 0.0 for g in groups]
+    elif eta == 0:
+        mu = [0.0] * len(groups)
     else:
         def mu_of(theta: float) -> list[float]:
             return [naive_l1_threshold(g, theta) for g in groups]

@@ -61,11 +61,13 @@ class ProjectionTree:
         blocks: the dims of each level, root first; together a partition of ``range(ndim)``. A block may be empty
             (then every node of that level has one child and its norm is ``|.|``).
         ndim: the tensor order.
+        batch: dims outside the tree: every index of them is an independent projection with its own ball.
     """
 
     norms: tuple[str, ...]
     blocks: tuple[tuple[int, ...], ...]
     ndim: int
+    batch: tuple[int, ...] = ()
 
     @property
     def depth(self) -> int:
@@ -81,7 +83,10 @@ class ProjectionTree:
 
 
 def make_tree(
-    ndim: int, norms: Sequence[object], blocks: Sequence[int | Sequence[int]] | None = None
+    ndim: int,
+    norms: Sequence[object],
+    blocks: Sequence[int | Sequence[int]] | None = None,
+    batch_dims: int | Sequence[int] = (),
 ) -> ProjectionTree:
     """Validate a tree of norms.
 
@@ -90,7 +95,8 @@ def make_tree(
         norms: the norm of each level, root first (``"l1"``, ``"l2"``, ``"linf"``; ``1``, ``2``, ``math.inf``
             also accepted). The root must be ``"l1"``.
         blocks: the dims of each level, root first (ints or tuples); ``None`` means one dim per level in order
-            (then ``len(norms) == ndim``).
+            over the dims outside ``batch_dims`` (then ``len(norms) == ndim - len(batch_dims)``).
+        batch_dims: dims whose every index is a separate projection (blocks partition the other dims).
 
     Returns:
         A :class:`ProjectionTree`.
@@ -107,22 +113,26 @@ def make_tree(
         raise ValueError("norms must name at least one level (the ℓ1 root)")
     if names[0] != "l1":
         raise ValueError(f"the root norm must be 'l1' (projection onto the ℓ1 ball), got {names[0]!r}")
+    batch = normalize_dims(batch_dims, ndim, "batch_dims")
+    tree_dims = [d for d in range(ndim) if d not in batch]
     if blocks is None:
-        if len(names) != ndim:
-            raise ValueError(
-                f"without blocks, norms needs one entry per dimension ({ndim}), got {len(names)}: pass blocks")
-        blks = tuple((d,) for d in range(ndim))
+        if len(names) != len(tree_dims):
+            raise ValueError(f"without blocks, norms needs one entry per non-batch dimension ({len(tree_dims)}), "
+                             f"got {len(names)}: pass blocks")
+        blks = tuple((d,) for d in tree_dims)
     else:
         if len(blocks) != len(names):
             raise ValueError(f"blocks must have one entry per norm ({len(names)}), got {len(blocks)}")
         blks = tuple(normalize_dims(b, ndim, "blocks") for b in blocks)
         flat = [d for b in blks for d in b]
-        if sorted(flat) != list(range(ndim)):
-            raise ValueError(f"blocks must partition the dims {tuple(range(ndim))} (each exactly once), got {blks}")
-    return ProjectionTree(names, blks, ndim)
+        if sorted(flat) != tree_dims:
+            raise ValueError(f"blocks must partition the dims {tuple(tree_dims)} (each exactly once"
+                             f"{', batch dims excluded' if batch else ''}), got {blks}")
+    return ProjectionTree(names, blks, ndim, batch)
 
 
-def bilevel_tree(ndim: int, inner: object = "linf", reduce_dims: int | Sequence[int] | None = None) -> ProjectionTree:
+def bilevel_tree(ndim: int, inner: object = "linf", reduce_dims: int | Sequence[int] | None = None,
+                 batch_dims: int | Sequence[int] = ()) -> ProjectionTree:
     """The two-level tree of a bi-level projection: groups are indexed by the dims outside ``reduce_dims``.
 
     Args:
@@ -130,13 +140,18 @@ def bilevel_tree(ndim: int, inner: object = "linf", reduce_dims: int | Sequence[
         inner: the norm inside a group (``"linf"``, ``"l1"``, ``"l2"``).
         reduce_dims: the dims inside a group. ``None``: ``(0,)`` for ``ndim >= 2`` (columns of ``W[out, in]``, the
             paper's feature groups) and ``()`` for a vector, where each entry is its own group so that the
-            projection is exactly the ℓ1-ball projection.
+            projection is exactly the ℓ1-ball projection. With ``batch_dims`` the same rule applies to the other dims.
+        batch_dims: dims whose every index is an independent bi-level projection.
     """
+    batch = normalize_dims(batch_dims, ndim, "batch_dims")
+    rest = [d for d in range(ndim) if d not in batch]
     if reduce_dims is None:
-        reduce_dims = (0,) if ndim >= 2 else ()
+        reduce_dims = (rest[0],) if len(rest) >= 2 else ()
     red = normalize_dims(reduce_dims, ndim, "reduce_dims")
-    groups = tuple(d for d in range(ndim) if d not in red)
-    return make_tree(ndim, ("l1", inner), (groups, red))
+    if set(red) & set(batch):
+        raise ValueError(f"reduce_dims {red} and batch_dims {batch} must not share a dim")
+    groups = tuple(d for d in rest if d not in red)
+    return make_tree(ndim, ("l1", inner), (groups, red), batch)
 
 
 def check_radius(eta: object) -> float:

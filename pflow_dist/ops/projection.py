@@ -76,34 +76,70 @@ def project_tree(
         ValueError: negative/NaN ``eta``, non-finite ``x``, a tree for another order, unknown backend.
     """
     check_tensor("x", x)
-    eta = check_radius(eta)
     if tree.ndim != x.dim():
         raise ValueError(f"the tree is for {tree.ndim}-dimensional tensors, x has shape {tuple(x.shape)}")
+    eta = _batch_radius(eta, [x.shape[d] for d in tree.batch], x.device) if tree.batch else check_radius(eta)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     _check_out(x, out)
     if x.numel() == 0:
         return x.clone() if out is None else out
-    if tree.depth == 1:  # a single ℓ1 level: the plain ℓ1-ball projection of all entries
-        if check_finite or x.device.type == "cpu":
-            _finite_total(x.abs())
-        res = project_l1(x, eta, method=method)
-        return res if out is None else out.copy_(res)
+    if tree.depth == 1:  # a single ℓ1 level: the plain ℓ1-ball projection of all entries (of each batch index)
+        return _single_level(x, eta, tree, method, check_finite, out)
     if backend == "triton":
+        if tree.batch:
+            raise ValueError("backend='triton' does not take batch_dims; use backend='torch'")
         from .projection_fused import fused_project_tree
 
         return fused_project_tree(x, eta, tree, method=method, check_finite=check_finite, out=out)
     A = _tree.upward(x, tree)
     if check_finite or x.device.type == "cpu":
-        if _finite_total(A[0]) <= eta:  # inside the ball: nothing to do, and nothing rounded
+        if _inside(A[0], eta, tree):  # inside the ball(s): nothing to do, and nothing rounded
             return x.clone() if out is None else (out if out is x else out.copy_(x))
-    tau = _tree.root_threshold(A[0], eta, method)
+    tau = _tree.root_tau(A[0], eta, tree, method)
     R = _tree.root_radii(A[0], tau)
     for i in range(1, tree.depth):
         leaf = i == tree.depth - 1
         R = _tree.level_project(A[i], R, A[i - 1], tree.norms[i], tree.blocks[i], leaf=leaf, method=method,
                                 out=out if leaf else None)
     return R
+
+
+def _batch_radius(eta: float | torch.Tensor, bshape: list[int], device: torch.device) -> torch.Tensor:
+    """η of a batched projection: a number or a tensor broadcastable to the batch shape; float64 on ``device``."""
+    if isinstance(eta, torch.Tensor) and eta.numel() != 1:
+        try:
+            e = torch.broadcast_to(eta.detach().to(device=device, dtype=torch.float64), bshape)
+        except RuntimeError as err:
+            raise ValueError(f"eta of shape {tuple(eta.shape)} does not broadcast to the batch shape {bshape}") from err
+        if bool(torch.isnan(e).any()) or bool((e < 0).any()):
+            raise ValueError("eta must be >= 0 everywhere (the ball of a negative radius is empty)")
+        return e
+    return torch.full(bshape, check_radius(eta), dtype=torch.float64, device=device)
+
+
+def _inside(a0: torch.Tensor, eta: float | torch.Tensor, tree: ProjectionTree) -> bool:
+    """Whether every root is inside its ball (one host sync); ``ValueError`` on NaN/Inf."""
+    if not tree.batch:
+        return _finite_total(a0) <= eta
+    totals = a0.sum([d for d in range(a0.dim()) if d not in tree.batch], dtype=torch.float64)
+    total, inside = torch.stack([totals.sum(), (totals <= eta).all().to(torch.float64)]).tolist()
+    _finite_total(torch.tensor(total))
+    return bool(inside)
+
+
+def _single_level(x, eta, tree: ProjectionTree, method: str, check_finite: bool, out) -> torch.Tensor:
+    if check_finite or x.device.type == "cpu":
+        _finite_total(x.abs())
+    if not tree.batch:
+        res = project_l1(x, eta, method=method)
+    else:  # batch dims first, the rest flattened: one ℓ1 ball per batch index
+        batch = list(tree.batch)
+        perm = batch + [d for d in range(x.dim()) if d not in tree.batch]
+        flat = x.permute(perm).reshape(*[x.shape[d] for d in batch], -1)
+        res = project_l1(flat, eta, dim=-1, method=method).reshape([x.shape[d] for d in perm])
+        res = res.permute(torch.argsort(torch.tensor(perm)).tolist())
+    return res.contiguous() if out is None else out.copy_(res)
 
 
 def _finite_total(a0: torch.Tensor) -> float:
@@ -121,6 +157,7 @@ def bilevel_project(
     inner: str = "linf",
     reduce_dims: int | Sequence[int] | None = None,
     *,
+    batch_dims: int | Sequence[int] = (),
     method: str = "auto",
     check_finite: bool = True,
     out: torch.Tensor | None = None,
@@ -131,11 +168,14 @@ def bilevel_project(
 
     Args:
         x: float tensor, any order and strides, CPU or CUDA.
-        eta: radius >= 0 of the ℓ1 ball of group norms (``math.inf``: no-op).
+        eta: radius >= 0 of the ℓ1 ball of group norms (``math.inf``: no-op); with ``batch_dims`` also a tensor
+            broadcastable to the batch shape (one radius per batch index).
         inner: ``"linf"`` (default, the paper's BP^{1,∞}), ``"l1"`` or ``"l2"``.
         reduce_dims: the dims inside a group. Default ``(0,)`` (for ``W[out, in]`` of ``nn.Linear``: a group is a
             column = an input feature, the paper's feature selection); ``(1,)`` groups rows (neurons); ``()`` (the
             default for a vector) makes every entry a group, i.e. the plain ℓ1-ball projection.
+        batch_dims: dims whose every index is an independent projection (e.g. ``0`` for a stack of matrices
+            ``[B, out, in]``); the default ``reduce_dims`` is then the first non-batch dim.
         method: ℓ1 threshold method for the root and ℓ1 groups: ``"sort"``, ``"michelot"``, ``"auto"``.
         check_finite: raise on NaN/Inf and return early when inside the ball (one host sync; always on CPU).
         out: preallocated result (saves the allocation; ``x`` itself is the in-place variant).
@@ -151,8 +191,8 @@ def bilevel_project(
         tensor([[ 2., -0.],
                 [ 1.,  0.]])
     """
-    return project_tree(x, eta, bilevel_tree(x.dim(), inner, reduce_dims), method=method, check_finite=check_finite,
-                        out=out, backend=backend)
+    return project_tree(x, eta, bilevel_tree(x.dim(), inner, reduce_dims, batch_dims), method=method,
+                        check_finite=check_finite, out=out, backend=backend)
 
 
 def bilevel_project_(x: torch.Tensor, eta: float, inner: str = "linf",
@@ -167,6 +207,7 @@ def multilevel_project(
     norms: Sequence[object] = ("l1", "linf", "linf"),
     blocks: Sequence[int | Sequence[int]] | None = None,
     *,
+    batch_dims: int | Sequence[int] = (),
     method: str = "auto",
     check_finite: bool = True,
     out: torch.Tensor | None = None,
@@ -182,7 +223,8 @@ def multilevel_project(
         blocks: the dims of each level, root first, a partition of ``range(d)`` (ints or tuples). ``None``: one dim per
             level (``len(norms) == d``). ``bilevel_project(x, eta, inner, reduce_dims)`` is
             ``multilevel_project(x, eta, ("l1", inner), (other dims, reduce_dims))``.
-        method, check_finite, out: as in :func:`bilevel_project`.
+        batch_dims, method, check_finite, out: as in :func:`bilevel_project` (``blocks`` then partition the
+            non-batch dims).
 
     Returns:
         ``X`` with nested norm ``min(eta, nested norm of x)``, ``|X| <= |x|``, same signs.
@@ -193,7 +235,8 @@ def multilevel_project(
         >>> round(float(mixed_norm(X, ("l1", "linf", "linf"))), 6)
         1.0
     """
-    return project_tree(x, eta, make_tree(x.dim(), norms, blocks), method=method, check_finite=check_finite, out=out)
+    return project_tree(x, eta, make_tree(x.dim(), norms, blocks, batch_dims), method=method,
+                        check_finite=check_finite, out=out)
 
 
 def multilevel_project_(x: torch.Tensor, eta: float, norms: Sequence[object] = ("l1", "linf", "linf"),

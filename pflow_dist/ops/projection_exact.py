@@ -102,9 +102,14 @@ def _solve_mu(srt: torch.Tensor, eta: float, max_iter: int) -> torch.Tensor:
         alive = theta < l1
         Sk = S.gather(0, (ki - 1).unsqueeze(0)).squeeze(0)
         k = ki.to(srt.dtype)
+        mu = torch.where(alive, (Sk - theta) / k, 0).clamp_min_(0)
         if prev is not None and torch.equal(prev[0], ki) and torch.equal(prev[1], alive):
-            return torch.where(alive, (Sk - theta) / k, 0).clamp_min_(0)
+            return mu
         inv = torch.where(alive, 1.0 / k, 0)
-        theta = ((torch.where(alive, Sk / k, 0).sum() - eta) / inv.sum()).clamp_min(0)
-        prev = (ki, alive)
+        new = ((torch.where(alive, Sk / k, 0).sum() - eta) / inv.sum()).clamp_min(0)
+        # θ on a kink (ties, integer data): rounding can flip a piece back and forth while θ stays put; g is
+        # continuous there, so the current μ is the answer to rounding
+        if prev is not None and abs(float(new - theta)) <= 8 * torch.finfo(srt.dtype).eps * max(1.0, float(theta)):
+            return mu
+        theta, prev = new, (ki, alive)
     raise RuntimeError(f"exact_l1inf_project: Newton on θ did not settle in {max_iter} steps (θ={theta.item():.6g})")

@@ -72,6 +72,7 @@ def fused_project_tree(x: torch.Tensor, eta: float, tree: ProjectionTree, *, met
         A, R, C = x3.shape
         groups = x3.abs().permute(0, 2, 1).reshape(A * C, R).to(torch.float64)
         tau = threshold_lastdim(groups, u.reshape(-1), method).reshape(A, C)
+        tau = torch.where(u >= v.to(torch.float64), 0.0, tau)  # groups inside their ball stay bitwise
         bound = _t.to_dtype_up(tau, torch.float64 if x.dtype == torch.float64 else torch.float32)
     res = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     o3 = view3(res, red)

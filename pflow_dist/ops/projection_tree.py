@@ -22,8 +22,8 @@ import torch
 from ..kernels.projection.shapes import ProjectionTree
 from .projection_l1 import l1_threshold, threshold_lastdim
 
-__all__ = ["acc_dtype", "group_norm", "level_project", "root_radii", "root_threshold", "to_dtype_toward_zero",
-           "to_dtype_up", "upward"]
+__all__ = ["acc_dtype", "group_norm", "level_project", "root_radii", "root_tau", "root_threshold",
+           "to_dtype_toward_zero", "to_dtype_up", "upward"]
 
 
 def acc_dtype(dtype: torch.dtype, norm: str) -> torch.dtype:
@@ -98,6 +98,20 @@ def root_threshold(a0: torch.Tensor, eta: float, method: str = "auto") -> torch.
     """τ of the root: the ℓ1-ball threshold of the flattened root values ``a0`` at radius ``eta``, in float64
     (a 0-d tensor; 0 inside the ball)."""
     return l1_threshold(a0.reshape(-1).to(torch.float64), eta, method=method)
+
+
+def root_tau(a0: torch.Tensor, eta: float | torch.Tensor, tree: ProjectionTree, method: str = "auto") -> torch.Tensor:
+    """τ of every root in float64: a 0-d tensor, or with ``tree.batch`` one τ per batch index, shaped to broadcast
+    against ``a0`` (``eta``: a float or a float64 tensor of the batch shape)."""
+    if not tree.batch:
+        return root_threshold(a0, float(eta), method)
+    batch = list(tree.batch)
+    rest = [d for d in range(a0.dim()) if d not in tree.batch]
+    bshape = [a0.shape[d] for d in batch]
+    flat = a0.permute(batch + rest).reshape(*bshape, -1).to(torch.float64)
+    eta_t = torch.as_tensor(eta, dtype=torch.float64, device=a0.device)
+    tau = threshold_lastdim(flat, eta_t, method)
+    return tau.reshape([a0.shape[d] if d in tree.batch else 1 for d in range(a0.dim())])
 
 
 def root_radii(a0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -176,7 +190,8 @@ def level_project(
         s = to_dtype_toward_zero(scale, dtype)
         src = a if leaf else a.to(dtype)
         return torch.mul(src, s, out=out) if out is not None else src * s
-    tau = _soft_threshold_groups(a, r, dims, method)
+    # groups already inside their ball keep τ = 0 exactly (the sort's cumsum may exceed n by an ulp)
+    tau = torch.where(r >= n.to(torch.float64), 0.0, _soft_threshold_groups(a, r, dims, method))
     t = to_dtype_up(tau, dtype)
     src = a if leaf else a.to(dtype)
     res = torch.where(t > 0, (src.abs() - t).clamp_min_(0).copysign_(src), src)
