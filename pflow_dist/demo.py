@@ -114,7 +114,7 @@ def run_demo(
     t0 = time.perf_counter()
     trainer = Trainer(cfg, console=console)
     console.print(f"{trainer.n_params:,} parameters, {steps} steps of {cfg.train.micro_batch_size} sequences, "
-                  f"{threads} CPU threads")
+                  f"{threads} CPU thread{'s' if threads != 1 else ''}")
     summary = trainer.train()
     wall = time.perf_counter() - t0
     hist = summary["history"]
