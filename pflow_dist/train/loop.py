@@ -180,7 +180,7 @@ class Trainer:
         bar = Progress(t.steps, self.step, enabled=self.is_main and t.progress, console=self.console)
         say = bar.print if bar.enabled else (print if self.is_main else (lambda s: None))
         last_eval: dict[str, float] = {}
-        tok_s = float("nan")
+        tok_s = float("nan")  # stays NaN when there is nothing left to train (resumed at the last step)
         t_window, steps_window = time.perf_counter(), 0
         t_start = time.perf_counter()
         try:
@@ -191,14 +191,16 @@ class Trainer:
                 if self.device.type == "cuda" and (self.step % max(1, t.log_every or 10) == 0):
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - t_window
-                if elapsed > 0.5 or self.step == stop:
-                    tok_s = tokens_per_step * steps_window / elapsed
+                tok_s = tokens_per_step * steps_window / elapsed  # over a window of ≥ 1 s (the first: so far)
+                if elapsed > 1.0:
                     t_window, steps_window = time.perf_counter(), 0
                 mfu = (tok_s * self.flops_per_token / (peak * 1e12 * self.world)) if peak else None
                 row = {"step": self.step, "loss": loss, "lr": self.engine.lr(), "tokens_per_s": tok_s,
                        "grad_norm": self.engine.last_grad_norm, "mfu": mfu}
                 self.history["train"].append(row)
                 info = f"loss {loss:.3f} · {tok_s:,.0f} tok/s"
+                if mfu is not None:
+                    info += f" · MFU {100 * mfu:.1f}%"
                 if last_eval:
                     info += f" · acc {last_eval['eval_acc']:.3f}"
                 bar.update(self.step, info)
