@@ -264,8 +264,9 @@ def launch_ray(config_path: str | Path | None, overrides: list[str] | tuple[str,
         fault: tests only, a one-shot worker crash (see ``RayTrainer``).
 
     Returns:
-        ``{"metrics": last reported metrics, "checkpoint": its path, "history": [{"step", "loss", "lr"}, ...]
-        over the kept checkpoints, "path": the run's storage path}``.
+        ``{"metrics": last reported metrics, "checkpoint": its path, "history": [{"step", "loss", "lr"}, ...] and
+        "reports": [metrics without the per-step lists, ...] over the kept checkpoints, "path": the run's storage
+        path}``.
 
     Example::
 
@@ -321,11 +322,12 @@ def launch_ray(config_path: str | Path | None, overrides: list[str] | tuple[str,
     finally:
         if started_here:
             ray.shutdown()
-    history = []
+    history, reports = [], []
     for _, m in sorted(result.best_checkpoints or [], key=lambda cm: cm[1]["step"]):
         history += [{"step": s, "loss": loss, "lr": lr} for s, loss, lr in zip(m["steps"], m["losses"], m["lrs"])]
+        reports.append({k: v for k, v in m.items() if k not in ("steps", "losses", "lrs")})
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "history": history, "path": result.path}
+            "history": history, "reports": reports, "path": result.path}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -85,6 +85,26 @@ def test_worker_crash_resumes_from_last_report(local_ray, two_workers, tmp_path)
     assert [r["loss"] for r in hist] == [r["loss"] for r in two_workers["history"]]
     assert [r["lr"] for r in hist] == [r["lr"] for r in two_workers["history"]]
     assert out["metrics"]["loss"] == two_workers["metrics"]["loss"]
+    # the restarted group resumed from the step-2 checkpoint (not from scratch); the others ran straight on
+    assert [r["resumed_from_step"] for r in out["reports"]] == [None, 2, None]
+    assert [r["resumed_from_step"] for r in two_workers["reports"]] == [None, None, None]
+
+
+def test_rayjob_entrypoint_flags_parse():
+    """k8s/overlays/rayjob/rayjob.yaml runs this module with these flags: they must keep parsing."""
+    import shlex
+
+    import yaml
+
+    from pflow_dist.launch.ray_train import parse_args
+
+    with open(os.path.join(ROOT, "k8s/overlays/rayjob/rayjob.yaml")) as f:
+        job = next(d for d in yaml.safe_load_all(f) if d and d.get("kind") == "RayJob")
+    entry = shlex.split(job["spec"]["entrypoint"])
+    assert entry[:3] == ["python", "-m", "pflow_dist.launch.ray_train"]
+    a = parse_args(entry[3:] + ["train.steps=10"])
+    assert (a.config, a.num_workers, a.use_gpu, a.overrides) == ("/etc/pflow/train.yaml", 16, True, ["train.steps=10"])
+    assert a.storage_path == "/checkpoints/ray"
 
 
 def test_unreachable_address_fails_fast(tmp_path, capsys):
