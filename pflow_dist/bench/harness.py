@@ -154,8 +154,10 @@ def versions(*peers: str) -> dict[str, str]:
 
 
 def command_line() -> str:
-    """The command that is running, quoted for a shell."""
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+    """The command that is running, quoted for a shell (``python -m pkg ...`` kept as such)."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    argv[0] = Path(argv[0]).name
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def write_jsonl(rows: Iterable[BenchRow], path: str | Path) -> Path:
