@@ -6,6 +6,8 @@ counts that match the training config. Each rule is also shown to fire on a brok
 from __future__ import annotations
 
 import copy
+import importlib.util
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,6 +57,17 @@ def test_deepspeed_hostfile_matches_the_job():
     slots = {int(h.split("=")[1]) for h in hostfile if h.startswith("slots=")}
     gpus = int(job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert hosts == [f"pflow-{i}.pflow" for i in range(job["spec"]["completions"])] and slots == {gpus}
+
+
+def test_entrypoints_name_existing_modules():
+    for overlay in OVERLAYS:
+        for doc in render(K8S / "overlays" / overlay):
+            text = doc["spec"].get("entrypoint", "") if doc["kind"] == "RayJob" else ""
+            for _, _, template in pod_specs(doc):
+                for c in template["spec"]["containers"]:
+                    text += " " + " ".join(c.get("command", []) + c.get("args", []))
+            for module in re.findall(r"(?:-m|--module) (pflow_dist[\w.]*)", text):
+                assert importlib.util.find_spec(module) is not None, f"{overlay}: {module} does not exist"
 
 
 def _job_docs():
