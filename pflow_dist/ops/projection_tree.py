@@ -66,7 +66,7 @@ def _absmax_cpu_leading(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor 
     cache-sized buffer and is max-reduced from there (single thread: 2x faster than amax + amin). None when the
     layout does not fit (then the caller uses two passes)."""
     k = len(dims)
-    if dims != tuple(range(k)) or k == x.dim() or x.numel() < 4 * CPU_CHUNK_ELEMS or not x.is_contiguous():
+    if dims != tuple(range(k)) or k == x.dim() or x.numel() < 2 * CPU_CHUNK_ELEMS or not x.is_contiguous():
         return None
     R = math.prod(x.shape[:k])
     x2 = x.view(R, -1)
