@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -127,7 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Run the Trainer in one Ray Train worker; Ray has already created the torch.distributed group.
 
     Args:
-        config: ``{"run": resolve_config(...) dict, "fault": optional one-shot fault (tests, see RayTrainer)}``.
+        config: ``{"run": resolve_config(...) dict, "run_key": names the worker's local checkpoint directory
+            (unique per storage path and run name), "fault": optional one-shot fault (tests, see RayTrainer)}``.
 
     Each segment of ``train.ckpt_every`` steps ends with ``ray.train.report(metrics, checkpoint)``; ``metrics`` holds
     ``step``, ``loss``, the eval metrics, and the segment's per-step ``steps`` / ``losses`` / ``lrs`` (the reported
@@ -146,7 +148,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     run = json.loads(json.dumps(config["run"]))  # a private copy
-    local = Path(tempfile.mkdtemp(prefix=f"pflow_ray_rank{rank}_"))
+    # one local directory per (run, rank), the same on every attempt: a crashed attempt's leftovers (possibly GBs of
+    # checkpoint) are removed by the next one instead of piling up in /tmp
+    local = Path(tempfile.gettempdir()) / "pflow_ray" / str(config.get("run_key", "run")) / f"rank{rank}"
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
     run["train"]["ckpt_dir"] = str(local)
     run["train"]["resume"] = True
     if rank != 0:
@@ -183,6 +189,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if trainer is not None:
             trainer.close()
         shutil.rmtree(local, ignore_errors=True)
+        try:
+            local.parent.rmdir()  # the run's folder, once the last rank on this node is done
+        except OSError:
+            pass
 
 
 # ---- on the driver -----------------------------------------------------------------------------------------------
@@ -308,12 +318,14 @@ def launch_ray(config_path: str | Path | None, overrides: list[str] | tuple[str,
         if storage_path is not None and "://" not in str(storage_path):
             storage_path = str(Path(storage_path).expanduser().resolve())
         resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        name = name or (Path(config_path).stem if config_path else "pflow")
+        run_key = f"{name}-{hashlib.sha1(f'{storage_path}|{name}'.encode()).hexdigest()[:10]}"
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"run": run, "fault": fault},
+            train_loop_config={"run": run, "fault": fault, "run_key": run_key},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(
-                name=name or (Path(config_path).stem if config_path else "pflow"),
+                name=name,
                 storage_path=storage_path,
                 checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                 failure_config=FailureConfig(max_failures=max_failures)),
