@@ -76,3 +76,31 @@ def test_cli_dry_run_and_missing_config(config):
     assert "train.steps=5" in res.output
     res = runner.invoke(app, ["launch", "deepspeed", "--config", "/nonexistent.yaml", "--dry-run"])
     assert res.exit_code != 0 and "does not exist" in res.output
+
+
+def test_launch_runs_two_processes_on_cpu(tmp_path, monkeypatch):
+    """End to end: pflow-dist launch deepspeed starts the real launcher, which runs 2 training ranks (gloo)."""
+    import json
+    import os
+    import sys
+
+    from pflow_dist.launch.deepspeed import free_port
+
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "model: {vocab_size: 32, d_model: 24, n_layers: 1, n_heads: 2, chunk_size: 8}\n"
+        "data: {seq_len: 24, num_kv_pairs: 4}\n"
+        "parallel: {engine: deepspeed, zero_stage: 2}\n"
+        f"train: {{steps: 3, eval_every: 0, eval_batches: 1, progress: false, log_every: 1, device: cpu, "
+        f"micro_batch_size: 2, out_dir: '{tmp_path / 'run'}', ckpt_dir: '{tmp_path / 'ckpt'}'}}\n"
+    )
+    res = CliRunner().invoke(app, ["launch", "deepspeed", "--config", str(cfg), "--num-gpus", "2",
+                                   "--master-port", str(free_port()), "optim.lr=0.003"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("kind") == "train"] == [1, 2, 3]
+    shards = sorted(p.name for p in (tmp_path / "ckpt").rglob("*zero_pp_rank_*optim_states.pt"))
+    assert len(shards) == 2, shards  # ZeRO-2 optimizer state sharded over the 2 launched ranks
