@@ -74,14 +74,19 @@ def test_two_workers_match_single_process(two_workers, single_process_losses):
 
 def test_worker_crash_resumes_from_last_report(local_ray, two_workers, tmp_path):
     marker = tmp_path / "crashed"
-    # rank 1 exits after step 3 (mid-segment 3..4) on the first attempt only
-    out = launch_ray(os.path.join(ROOT, CONFIG), TINY + ["train.micro_batch_size=2"], num_workers=2,
-                     storage_path=tmp_path / "storage", name="crash", keep_checkpoints=None, max_failures=1,
-                     fault={"at_step": 3, "rank": 1, "marker": str(marker), "delay_s": 1.5})
+    # rank 1 exits after step 3 (mid-segment 3..4) on the first attempt only; ZeRO-2, so each rank's optimizer
+    # shard must come back from the merged checkpoint
+    out = launch_ray(os.path.join(ROOT, CONFIG), TINY + ["train.micro_batch_size=2", "parallel.zero_stage=2"],
+                     num_workers=2, storage_path=tmp_path / "storage", name="crash", keep_checkpoints=None,
+                     max_failures=1, fault={"at_step": 3, "rank": 1, "marker": str(marker), "delay_s": 1.5})
     assert marker.read_text().startswith("rank 1 exits after step 3")
     hist = out["history"]
     assert [r["step"] for r in hist] == list(range(1, STEPS + 1)), "every step reported exactly once"
-    # same losses and schedule as the uninterrupted run: an exact resume (same ranks, same reductions)
+    # Ray merged both workers' folders into one checkpoint: rank 0's model states, each rank's optimizer shard
+    files = set(os.listdir(os.path.join(out["checkpoint"], "step00000006")))
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank0.pt", "rng_rank1.pt"} <= files, files
+    # same losses and schedule as the uninterrupted (ZeRO-0) run, bit for bit: an exact resume
     assert [r["loss"] for r in hist] == [r["loss"] for r in two_workers["history"]]
     assert [r["lr"] for r in hist] == [r["lr"] for r in two_workers["history"]]
     assert out["metrics"]["loss"] == two_workers["metrics"]["loss"]
