@@ -220,6 +220,40 @@ def k8s_check(
     raise typer.Exit(1 if problems else 0)
 
 
+@launch_app.command("ray")
+def launch_ray_cmd(
+    config: Annotated[Path, typer.Option(help="Training config (YAML).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of the config.")] = None,
+    num_workers: Annotated[int, typer.Option(help="Ray Train workers (data-parallel ranks).")] = 1,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu", help="One GPU per worker (NCCL).")] = False,
+    address: Annotated[str | None, typer.Option(help="host:port or ray://host:port of a running cluster, or 'auto' "
+                                                     "(default: RAY_ADDRESS, else a local Ray).")] = None,
+    storage_path: Annotated[str | None, typer.Option(help="Checkpoint storage (shared path or URI for multi-node).")]
+    = None,
+    max_failures: Annotated[int, typer.Option(help="Worker-group restarts allowed (-1: unlimited).")] = 3,
+    name: Annotated[str | None, typer.Option(help="Run name (default: the config's stem); the same name and "
+                                                  "storage path resume the run.")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker.")] = 1.0,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept in storage (0: all).")] = 2,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for --address to answer.")] = 10.0,
+    resources_wait: Annotated[float, typer.Option(help="Seconds to wait for the CPUs/GPUs asked for (autoscaling).")]
+    = 0.0,
+) -> None:
+    """Train with Ray Train (TorchTrainer): checkpoints reported every train.ckpt_every steps, restarts on failure."""
+    from .launch.ray_train import launch_ray
+
+    try:
+        out = launch_ray(config, list(overrides or []), num_workers=num_workers, use_gpu=use_gpu, address=address,
+                         storage_path=storage_path, max_failures=max_failures, name=name,
+                         cpus_per_worker=cpus_per_worker, keep_checkpoints=keep_checkpoints or None,
+                         connect_timeout_s=connect_timeout, resources_wait_s=resources_wait)
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        raise typer.BadParameter(str(e)) from e
+    metrics = {k: v for k, v in (out["metrics"] or {}).items() if k not in ("steps", "losses", "lrs")}
+    console.print_json(json.dumps({"metrics": metrics, "checkpoint": out["checkpoint"], "path": out["path"]},
+                                  default=str))
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()
 

@@ -104,3 +104,13 @@ def test_launch_runs_two_processes_on_cpu(tmp_path, monkeypatch):
     assert [r["step"] for r in rows if r.get("kind") == "train"] == [1, 2, 3]
     shards = sorted(p.name for p in (tmp_path / "ckpt").rglob("*zero_pp_rank_*optim_states.pt"))
     assert len(shards) == 2, shards  # ZeRO-2 optimizer state sharded over the 2 launched ranks
+
+
+def test_cli_launch_ray_fails_fast_on_unreachable_address(config):
+    import time
+
+    t0 = time.monotonic()
+    res = CliRunner().invoke(app, ["launch", "ray", "--config", str(config), "--address", "127.0.0.1:1",
+                                   "--connect-timeout", "2"])
+    assert res.exit_code != 0 and "127.0.0.1:1" in res.output
+    assert time.monotonic() - t0 < 30
