@@ -150,6 +150,17 @@ def _chunk_masks(C: int, R: int, rank_form: str, device) -> tuple[torch.Tensor, 
     return coupling, visible
 
 
+def _chunk_rows(k, v, beta, gl, sl: slice):
+    """The rows (t, r) of one chunk, token-major: ``k [B,H,n,K]``, ``v [B,H,n,V]``, ``beta [B,H,n]``, the per-token
+    cumulative log-decay ``G_tok [B,H,C]`` and its per-row copy ``G [B,H,n]`` (n = C·R)."""
+    B, _, H, R, K = k.shape
+    kc = k[:, sl].permute(0, 2, 1, 3, 4).reshape(B, H, -1, K)
+    vc = v[:, sl].permute(0, 2, 1, 3, 4).reshape(B, H, kc.shape[2], v.shape[-1])
+    bc = beta[:, sl].permute(0, 2, 1, 3).reshape(B, H, kc.shape[2])
+    G_tok = torch.cumsum(gl[:, sl].permute(0, 2, 1), dim=-1)
+    return kc, vc, bc, G_tok, G_tok.repeat_interleave(R, dim=-1)
+
+
 def _chunk_wy(kc, vc, bc, Gc, coupling):
     """W, U of one chunk. ``kc [B,H,n,K]``, ``vc [B,H,n,V]``, ``bc [B,H,n]``, ``Gc [B,H,n]`` (row-wise cumsum)."""
     n = kc.shape[2]
@@ -198,14 +209,8 @@ def naive_chunk_flow(
     outs, maps = [], []
     for t0 in range(0, T, chunk_size):
         C = min(chunk_size, T - t0)
-        n = C * R
         sl = slice(t0, t0 + C)
-        # rows (t, r) token-major: [B, H, C·R, ·]
-        kc = k[:, sl].permute(0, 2, 1, 3, 4).reshape(B, H, n, K)
-        vc = v[:, sl].permute(0, 2, 1, 3, 4).reshape(B, H, n, V)
-        bc = beta[:, sl].permute(0, 2, 1, 3).reshape(B, H, n)
-        G_tok = torch.cumsum(gl[:, sl].permute(0, 2, 1), dim=-1)  # [B, H, C]
-        Gc = G_tok.repeat_interleave(R, dim=-1)  # [B, H, n]
+        kc, vc, bc, G_tok, Gc = _chunk_rows(k, v, beta, gl, sl)  # rows (t, r) token-major: [B, H, C·R, ·]
         qc = qs[:, sl].permute(0, 2, 1, 3)  # [B, H, C, K]
         coupling, visible = _chunk_masks(C, R, rank_form, k.device)
         W, U = _chunk_wy(kc, vc, bc, Gc, coupling)
@@ -251,12 +256,7 @@ def naive_chunk_flow_map(
     D = k.new_zeros(B, H, K, V)
     for t0 in range(0, T, chunk_size):
         C = min(chunk_size, T - t0)
-        n = C * R
-        sl = slice(t0, t0 + C)
-        kc = k[:, sl].permute(0, 2, 1, 3, 4).reshape(B, H, n, K)
-        vc = v[:, sl].permute(0, 2, 1, 3, 4).reshape(B, H, n, V)
-        bc = beta[:, sl].permute(0, 2, 1, 3).reshape(B, H, n)
-        Gc = torch.cumsum(gl[:, sl].permute(0, 2, 1), dim=-1).repeat_interleave(R, dim=-1)
+        kc, vc, bc, _, Gc = _chunk_rows(k, v, beta, gl, slice(t0, t0 + C))
         coupling, _ = _chunk_masks(C, R, rank_form, k.device)
         W, U = _chunk_wy(kc, vc, bc, Gc, coupling)
         G_end = Gc[..., -1]
