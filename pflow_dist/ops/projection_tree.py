@@ -64,9 +64,13 @@ CPU_CHUNK_ELEMS = 1 << 18  # 2 MiB of float64: |x| of a chunk stays in cache bet
 def _absmax_cpu_leading(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | None:
     """max |x| over leading dims (column groups of W[out, in]) in one read of x: |x| of a slab of rows goes into a
     cache-sized buffer and is max-reduced from there (single thread: 2x faster than amax + amin). None when the
-    layout does not fit (then the caller uses two passes)."""
+    layout does not fit, or with several intra-op threads: each chunk is a few parallel regions, and when another
+    process holds a core every region waits for a descheduled thread (measured: 560 ms instead of 10 ms on
+    1000x8000 with 2 threads on 2 busy cores); two passes are two regions."""
     k = len(dims)
     if dims != tuple(range(k)) or k == x.dim() or x.numel() < 2 * CPU_CHUNK_ELEMS or not x.is_contiguous():
+        return None
+    if torch.get_num_threads() > 1:
         return None
     R = math.prod(x.shape[:k])
     x2 = x.view(R, -1)

@@ -392,7 +392,16 @@ def test_cpu_chunked_absmax_large_column_groups(dtype):
     """Column groups of a tensor above the chunking threshold take the one-read CPU path: same values, NaN kept."""
     from pflow_dist.ops.projection_tree import CPU_CHUNK_ELEMS
 
-    x = torch.randn(4 * CPU_CHUNK_ELEMS // 1000 + 3, 1000, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the one-read path is single-thread only
+    try:
+        _chunked_absmax_checks(CPU_CHUNK_ELEMS, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _chunked_absmax_checks(chunk, dtype):
+    x = torch.randn(4 * chunk // 1000 + 3, 1000, dtype=dtype)
     assert torch.equal(group_norm(x, "linf", 0), x.abs().amax(0))
     x3 = x.view(-1, 10, 100)
     assert torch.equal(group_norm(x3, "linf", (0, 1)), x3.abs().amax((0, 1)))
