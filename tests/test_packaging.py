@@ -1,8 +1,14 @@
 """pyproject lists packages by hand (kernels/ is mapped to pflow_dist.kernels): every package folder must be listed,
 so a wheel install (not only an editable one) contains all the code."""
 
-import tomllib
 from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
 

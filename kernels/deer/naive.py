@@ -49,7 +49,8 @@ class GRUWeights:
             bias = getattr(self, name)
             if bias is not None:
                 check_tensor(name, bias, shape=(3 * N,), dims="[3N]")
-        check_same_device(weight_ih=self.weight_ih, weight_hh=self.weight_hh, bias_ih=self.bias_ih, bias_hh=self.bias_hh)
+        check_same_device(weight_ih=self.weight_ih, weight_hh=self.weight_hh, bias_ih=self.bias_ih,
+                          bias_hh=self.bias_hh)
 
     @property
     def hidden_size(self) -> int:

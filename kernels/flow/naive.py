@@ -204,7 +204,7 @@ def naive_chunk_flow(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     d, qs, k, v, beta, g, S = _prepare(q, k, v, beta, g, scale, initial_state, rank_form, acc_dtype)
-    B, T, H, R, K, V = d.B, d.T, d.H, d.R, d.K, d.V
+    B, T, H, R, K = d.B, d.T, d.H, d.R, d.K
     gl = g if g is not None else qs.new_zeros(B, T, H)
     outs, maps = [], []
     for t0 in range(0, T, chunk_size):
@@ -222,7 +222,8 @@ def naive_chunk_flow(
         k_end = torch.exp(G_end[..., None] - Gc)[..., None] * kc  # [B, H, n, K]
         if return_chunk_maps:
             eye = torch.eye(K, dtype=acc_dtype, device=k.device)
-            maps.append((torch.exp(G_end)[..., None, None] * eye - k_end.transpose(-1, -2) @ W, k_end.transpose(-1, -2) @ U))
+            k_end_t = k_end.transpose(-1, -2)
+            maps.append((torch.exp(G_end)[..., None, None] * eye - k_end_t @ W, k_end_t @ U))
         S = torch.exp(G_end)[..., None, None] * S + k_end.transpose(-1, -2) @ U_new
     o = torch.cat(outs, dim=2).permute(0, 2, 1, 3).to(q.dtype)
     final = S.to(_state_dtype(q) if acc_dtype == _F64 else torch.float32) if output_final_state else None

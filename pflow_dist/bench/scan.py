@@ -113,7 +113,6 @@ def copy_bandwidth(device: torch.device, numel: int = _ELEMENTS) -> float | None
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), device, warmup=3, rep=20)
-    del src, dst
     return 2 * numel * 4 / (t.median_ms * 1e-3) / 1e9
 
 

@@ -88,7 +88,8 @@ def stdlib_corpus(
     out = {}
     for split, chunks in parts.items():
         if not chunks:
-            raise ValueError(f"no {split} text found under {base} (max_bytes={max_bytes}, eval_fraction={eval_fraction})")
+            raise ValueError(f"no {split} text found under {base} "
+                             f"(max_bytes={max_bytes}, eval_fraction={eval_fraction})")
         out[split] = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
     return out
 

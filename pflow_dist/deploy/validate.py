@@ -1,8 +1,8 @@
-"""Offline validation of the rendered manifests: schemas first, then the project's own rules.
+"""Offline validation of the rendered manifests: schemas first, then the project's rules.
 
-Core kinds are checked with ``kubernetes-validate`` (strict: unknown fields fail) against the Kubernetes OpenAPI schemas;
-KubeRay's ``RayJob`` is a CRD those schemas do not cover, so it is checked against ``schemas/rayjob.schema.json`` and
-its embedded pod templates are checked as core ``PodTemplate`` objects.
+Core kinds are checked with ``kubernetes-validate`` (strict: unknown fields fail) against the Kubernetes OpenAPI
+schemas. KubeRay's ``RayJob`` is a CRD those schemas do not cover: it is checked against
+``schemas/rayjob.schema.json``, and its embedded pod templates are checked as core ``PodTemplate`` objects.
 """
 
 from __future__ import annotations

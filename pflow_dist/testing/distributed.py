@@ -132,7 +132,8 @@ def run_distributed(
                             and r not in errors]
                     if dead and not errors:
                         codes = {r: procs[r].exitcode for r in dead}
-                        raise DistributedRunError(f"rank(s) {dead} died without reporting (exit codes {codes})")
+                        raise DistributedRunError(
+                            f"rank(s) {dead} died without reporting (exit codes {codes})") from None
                     continue
                 if status == "error":
                     if not errors:  # give the other ranks a moment: the first report may be a peer's broken pipe

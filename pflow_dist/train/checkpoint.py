@@ -20,8 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["deepspeed_safe_globals", "get_rng_state", "install_safe_deepspeed_loader", "latest_tag", "load_plain", "safe_load",
-           "save_plain", "set_rng_state", "step_tag"]
+__all__ = [
+    "deepspeed_safe_globals",
+    "get_rng_state",
+    "install_safe_deepspeed_loader",
+    "latest_tag",
+    "load_plain",
+    "safe_load",
+    "save_plain",
+    "set_rng_state",
+    "step_tag",
+]
 
 LATEST = "latest"  # the file DeepSpeed also uses to name the newest tag
 

@@ -62,7 +62,8 @@ def _init_distributed(engine: str) -> tuple[int, int, int]:
                              "use parallel.engine=deepspeed")
         return rank, world, int(os.environ.get("LOCAL_RANK", rank))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("WORLD_SIZE > 1 but parallel.engine='plain' runs in one process; use parallel.engine=deepspeed")
+        raise ValueError("WORLD_SIZE > 1 but parallel.engine='plain' runs in one process; "
+                         "use parallel.engine=deepspeed")
     return 0, 1, 0
 
 

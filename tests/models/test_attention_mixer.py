@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from pflow_dist.kernels.attention.naive import naive_sparse_attention
 
 from pflow_dist.dist import shard_bounds
+from pflow_dist.kernels.attention.naive import naive_sparse_attention
 from pflow_dist.models.attention_mixer import SparseAttentionMixer, apply_rotary, rotary_tables
 from pflow_dist.testing import assert_close, error_stats, run_distributed
 

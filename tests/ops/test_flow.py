@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pflow_dist.kernels.flow.naive import naive_flow_map, naive_recurrent_flow
 
+from pflow_dist.kernels.flow.naive import naive_flow_map, naive_recurrent_flow
 from pflow_dist.ops.flow import chunk_flow, flow_map
 from pflow_dist.testing import assert_close
 

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from pflow_dist.kernels.attention.naive import naive_sparse_attention, naive_window_attention, sparse_attention_mask
 
+from pflow_dist.kernels.attention.naive import naive_sparse_attention, naive_window_attention, sparse_attention_mask
 from pflow_dist.ops.sparse_attention import INF_WINDOW, sparse_attention, window_attention
 from pflow_dist.testing import assert_close
 
