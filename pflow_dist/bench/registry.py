@@ -26,6 +26,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("pflow_dist.bench.attention", "sliding-window + global-token attention vs SDPA and FlexAttention"),
     "deer": ("pflow_dist.bench.deer", "DEER GRU (parallel Newton over T) vs torch.nn.GRU (cuDNN) and the loop"),
     "flow": ("pflow_dist.bench.flow", "flow layer (rank-1, gated, rank-R) vs fla and a plain-torch chunked form"),
+    "projection": ("pflow_dist.bench.projection", "bi-level l1,inf projection vs the exact l1,inf projection"),
     "gru": ("pflow_dist.bench.gru", "GRU over long T: the sequential cell loop vs torch.nn.GRU (cuDNN on GPU)"),
     "scan": ("pflow_dist.bench.scan", "diagonal affine scan vs a torch baseline and accelerated-scan; HBM copy"),
 }
