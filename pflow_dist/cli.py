@@ -44,6 +44,14 @@ def train(
     raise typer.Exit(train_main(argv))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sae(ctx: typer.Context) -> None:
+    """Supervised autoencoder with bi-level l1,inf feature selection: dense vs projected (JSON lines)."""
+    from .models.sae import main as sae_main
+
+    sae_main(ctx.args)
+
+
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
     """Versions, CUDA devices, the Triton backend, Ray and DeepSpeed availability."""
