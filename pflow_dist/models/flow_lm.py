@@ -53,8 +53,11 @@ class FlowLMConfig:
         init_std: std of the normal init of linear and embedding weights.
         chunk_size: chunk length of the flow op.
         backend: flow op backend: ``"auto"`` (Triton on CUDA, chunked torch on CPU), ``"triton"``, ``"torch"``.
-        attn_every: make every k-th mixer a sliding-window + global-token sparse attention layer (hybrid model).
-            Not available yet (it lands with the sparse-attention issue): any value > 0 raises NotImplementedError.
+        attn_every: make every k-th mixer (layers k, 2k, ...) a sliding-window + global-token sparse attention layer
+            (:class:`~pflow_dist.models.attention_mixer.SparseAttentionMixer`, hybrid model); 0 = flow mixers only.
+        attn_window: the attention window w of those layers.
+        attn_n_global: global tokens (the first positions) of those layers.
+        attn_kv_heads: key/value heads of those layers (GQA; ``None`` = ``n_heads``).
     """
 
     vocab_size: int = 256
@@ -77,6 +80,9 @@ class FlowLMConfig:
     chunk_size: int = 64
     backend: str = "auto"
     attn_every: int = 0
+    attn_window: int = 512
+    attn_n_global: int = 4
+    attn_kv_heads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "rank", "conv_size", "chunk_size"):
@@ -94,6 +100,13 @@ class FlowLMConfig:
             raise ValueError(f"model.expand_v and model.mlp_ratio must be > 0, got {self.expand_v}, {self.mlp_ratio}")
         if self.attn_every < 0:
             raise ValueError(f"model.attn_every must be >= 0, got {self.attn_every}")
+        if self.attn_window < 1 or self.attn_n_global < 0:
+            raise ValueError(f"model.attn_window must be >= 1 and model.attn_n_global >= 0, got {self.attn_window}, "
+                             f"{self.attn_n_global}")
+
+    def is_attention_layer(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` (0-based) is a sparse-attention layer."""
+        return bool(self.attn_every) and (layer_idx + 1) % self.attn_every == 0
 
     @property
     def key_dim(self) -> int:
@@ -208,10 +221,16 @@ class FlowMixer(nn.Module):
 class FlowBlock(nn.Module):
     """Pre-norm residual block: ``x + mixer(norm(x))`` then ``+ mlp(norm(·))``."""
 
-    def __init__(self, cfg: FlowLMConfig) -> None:
+    def __init__(self, cfg: FlowLMConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = FlowMixer(cfg)
+        if cfg.is_attention_layer(layer_idx):
+            from .attention_mixer import SparseAttentionMixer
+
+            self.mixer = SparseAttentionMixer(cfg.d_model, cfg.n_heads, cfg.attn_window, cfg.attn_n_global,
+                                              n_kv_heads=cfg.attn_kv_heads, head_dim=cfg.key_dim, backend=cfg.backend)
+        else:
+            self.mixer = FlowMixer(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
 
@@ -237,12 +256,9 @@ class FlowLM(nn.Module):
 
     def __init__(self, cfg: FlowLMConfig) -> None:
         super().__init__()
-        if cfg.attn_every:
-            raise NotImplementedError(f"model.attn_every={cfg.attn_every}: sparse-attention mixers (every k-th layer) "
-                                      "land with the sparse-attention issue; set model.attn_every=0")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(FlowBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(FlowBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
@@ -293,4 +309,7 @@ class FlowLM(nn.Module):
         C = min(cfg.chunk_size, seq_len) if seq_len else cfg.chunk_size
         matmul = self.num_params(non_embedding=True)
         flow = cfg.n_heads * flow_flops_per_token(cfg.key_dim, cfg.value_dim, cfg.rank, C)
-        return 6.0 * matmul + 3.0 * cfg.n_layers * flow
+        n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.n_layers))
+        keys = min(cfg.attn_window, seq_len or cfg.attn_window) + cfg.attn_n_global  # keys each query reads
+        attn = 4.0 * cfg.n_heads * cfg.key_dim * keys  # q·k and p·v, 2 FLOPs per multiply-add
+        return 6.0 * matmul + 3.0 * ((cfg.n_layers - n_attn) * flow + n_attn * attn)

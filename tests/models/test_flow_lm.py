@@ -133,8 +133,8 @@ def test_tied_embeddings_share_the_weight() -> None:
 
 
 def test_errors_name_the_problem() -> None:
-    with pytest.raises(NotImplementedError, match="attn_every"):
-        FlowLM(FlowLMConfig(d_model=8, n_heads=2, attn_every=2))
+    with pytest.raises(ValueError, match="attn_window"):
+        FlowLMConfig(d_model=8, n_heads=2, attn_every=2, attn_window=0)
     model = FlowLM(FlowLMConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2))
     with pytest.raises(NotImplementedError, match="sp_group"):
         model(torch.randint(0, 11, (1, 5)), sp_group=object())
