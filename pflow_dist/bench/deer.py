@@ -5,8 +5,8 @@ Same inputs as ``bench gru`` (input size = hidden size nh, nn.GRU's init, x ~ N(
 - ``ours-newton``: ``method="newton"`` (structured dense Jacobian, chunked dense scan, n ≤ 64);
 - ``torch.nn.GRU``: cuDNN over contiguous chunks of 2^14 steps carrying the hidden state (DESIGN.md §10's "chunked":
   2^16-step strided slices got CUDNN_STATUS_NOT_SUPPORTED on H100); gradients flow through the chunks.
-``python -m pflow_dist.bench.deer`` adds to every row (``finalize_rows``) the Newton iterations and the max abs error
-of each method against the sequential cuDNN result (TF32 off) on the same inputs.
+``pflow-dist bench deer`` (and ``python -m pflow_dist.bench.deer``) add to every row (``finalize_rows``) the Newton
+iterations and the max abs error of each method against the sequential cuDNN result (TF32 off) on the same inputs.
 """
 
 from __future__ import annotations
@@ -105,6 +105,9 @@ def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case])
     return rows
 
 
+BENCH = dataclasses.replace(BENCH, finalize=finalize_rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m pflow_dist.bench.deer [--quick] [--case ...] [--out FILE]``: run, add iterations/errors, JSONL."""
     from .harness import write_jsonl
@@ -124,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_bench(BENCH, device=device, quick=args.quick, case_filter=args.case, impl_filter=args.impl,
                      modes=args.mode or None, warmup=args.warmup, rep=args.rep,
                      on_row=lambda r: print(format_row(r), flush=True))
-    cases = [c for c in BENCH.cases(args.quick) if not args.case or c.name in args.case]
-    rows = finalize_rows(rows, device, cases)
     from rich.console import Console
 
     print_table(rows, Console())
@@ -140,5 +141,3 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-
-BENCH = dataclasses.replace(BENCH, finalize=finalize_rows)

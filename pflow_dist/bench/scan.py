@@ -6,8 +6,9 @@ Implementations, on the same values (the peer gets them in its [B, C, T] layout,
 - ``torch``: the chunked log-depth plain-torch scan (``backend="torch"``, the CPU path, run on the same device);
 - ``accelerated-scan``: ``accelerated_scan.scalar.scan`` (Triton, one program per sequence), when installed.
 A memory-bound scan moves at least a, b in and h out (fwd) and a, ḡ, h in, da, db out (bwd): 3 and 8 tensors.
-``python -m pflow_dist.bench.scan`` adds to every row (``finalize_rows``) the HBM copy bandwidth measured in the
-same run (a 2^28-float device copy, bytes read + written) and the row's effective bandwidth and fraction of it.
+``pflow-dist bench scan`` (and ``python -m pflow_dist.bench.scan``) add to every row (``finalize_rows``) the HBM copy
+bandwidth measured in the same run (a 2^28-float device copy, bytes read + written) and the row's effective bandwidth
+and fraction of it.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case] 
     return rows
 
 
+BENCH = dataclasses.replace(BENCH, finalize=finalize_rows)
+
+
 def verify_rows(rows: list[BenchRow], device: torch.device, quick: bool, case_filter: list[str]) -> None:
     """Relative RMS error of ``ours`` / ``ours-3pass`` (h, da, db) against the torch path on the same device and
     inputs, for every case (the float64 loop is too slow at 2^28 elements), into ``extra.rel_err_vs_torch``."""
@@ -181,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = run_bench(BENCH, device=device, quick=args.quick, case_filter=args.case, impl_filter=args.impl,
                      modes=args.mode or None, rep=args.rep, on_row=lambda r: print(format_row(r), flush=True))
-    rows = finalize_rows(rows, device, None)
     if args.verify:
         verify_rows(rows, device, args.quick, args.verify_case or args.case)
     from rich.console import Console
@@ -198,5 +201,3 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-
-BENCH = dataclasses.replace(BENCH, finalize=finalize_rows)
