@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pflow_dist.kernels.projection.naive import naive_bilevel_project, naive_mixed_norm
 
+from pflow_dist.kernels.projection.naive import naive_bilevel_project, naive_mixed_norm
 from pflow_dist.ops.projection import bilevel_project, bilevel_project_
 from pflow_dist.testing import assert_close
 
@@ -91,7 +91,6 @@ def test_fused_errors(device):
     with pytest.raises(ValueError, match="backend must be one of"):
         bilevel_project(x, 1.0, backend="cuda")
     from pflow_dist.kernels.projection.shapes import make_tree
-
     from pflow_dist.ops.projection import multilevel_project, project_tree
 
     with pytest.raises(ValueError, match="bi-level trees"):
