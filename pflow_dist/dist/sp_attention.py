@@ -3,7 +3,7 @@
 # lengths, e.g. shard_sequence / shard_bounds). Its queries need three things it does not hold:
 #   1. the halo: keys/values [e_p, a_p) with e_p = max(0, a_p − W + 1), owned by the previous rank(s) — several ranks
 #      when shards are shorter than W − 1. Point-to-point: every rank sends each later rank the part of its shard in
-#      that rank's halo (one batch_isend_irecv), as the short-conv halo of fla's context parallelism does;
+#      that rank's halo (one batch_isend_irecv; dist/halo.py, shared with the short-conv halo of FlowLM);
 #   2. the global tokens' keys/values (read outside the window): G rows, gathered by one all-reduce of a zero buffer
 #      that only the owners fill (a broadcast from many owners in one collective, G·Hkv·(D + Dv) values);
 #   3. for the global *rows* (a global query reads its whole causal prefix, which spans ranks): the G global queries go
@@ -35,6 +35,7 @@ from torch.distributed import ProcessGroup
 from ..kernels.attention.shapes import check_attention_inputs, check_scale, check_window, normalize_global_idx
 from ..ops.sparse_attention import BACKENDS, INF_WINDOW, window_attention
 from .comm import all_gather_stack, group_rank_size
+from .halo import HaloPlan, gather_halo, scatter_halo_grad
 
 __all__ = ["sp_sparse_attention"]
 
@@ -52,22 +53,10 @@ class _Plan:
     g: torch.Tensor  # sorted global positions
     dims: tuple[int, int, int, int]  # H, Hkv, D, Dv
 
-    def halo_start(self, p: int) -> int:
-        return max(0, self.bounds[p][0] - (self.window - 1))
-
-    def sends(self) -> list[tuple[int, int, int]]:
-        """``(dst, start, end)``: the tokens of this shard that rank ``dst`` needs as halo."""
-        a, b = self.bounds[self.rank]
-        return [(p, max(a, self.halo_start(p)), b) for p in range(self.rank + 1, len(self.bounds))
-                if self.halo_start(p) < b]
-
-    def recvs(self) -> list[tuple[int, int, int]]:
-        """``(src, start, end)``: the halo pieces this rank receives, in position order."""
-        e = self.halo_start(self.rank)
-        return [(j, max(a, e), b) for j, (a, b) in enumerate(self.bounds[: self.rank]) if b > e]
-
-    def peer(self, r: int) -> int:
-        return r if self.group is None else dist.get_global_rank(self.group, r)
+    @property
+    def halo(self) -> HaloPlan:
+        """The halo of the window: the ``window − 1`` keys/values before each shard."""
+        return HaloPlan(self.group, self.rank, self.bounds, self.window - 1)
 
     def owned(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(local row index, slot in g) of the global tokens held by this rank."""
@@ -75,14 +64,6 @@ class _Plan:
         g = self.g.to(device)
         slots = ((g >= a) & (g < b)).nonzero().flatten()
         return g[slots] - a, slots
-
-
-def _p2p(plan: _Plan, send: list[tuple[int, torch.Tensor]], recv: list[tuple[int, torch.Tensor]]) -> None:
-    ops = [dist.P2POp(dist.isend, t.contiguous(), plan.peer(r), plan.group) for r, t in send]
-    ops += [dist.P2POp(dist.irecv, t, plan.peer(r), plan.group) for r, t in recv]
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
 
 
 class _Exchange(torch.autograd.Function):
@@ -95,11 +76,8 @@ class _Exchange(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         B, Tp = q.shape[:2]
         H, Hkv, D, Dv = plan.dims
-        a = plan.bounds[plan.rank][0]
         kv = torch.cat([k, v], dim=-1)
-        recvs = [(j, kv.new_empty(B, e - s, Hkv, D + Dv)) for j, s, e in plan.recvs()]
-        _p2p(plan, [(p, kv[:, s - a:e - a]) for p, s, e in plan.sends()], recvs)
-        halo = torch.cat([t for _, t in recvs] + [kv.new_empty(B, 0, Hkv, D + Dv)], dim=1)
+        halo = gather_halo(kv, plan.halo)
         k_ext = torch.cat([halo[..., :D], k], dim=1)
         v_ext = torch.cat([halo[..., D:], v], dim=1)
         G = plan.g.numel()
@@ -120,21 +98,12 @@ class _Exchange(torch.autograd.Function):
         plan = ctx.plan
         B, Tp, h, dtype, acc, dev = ctx.shapes
         H, Hkv, D, Dv = plan.dims
-        a = plan.bounds[plan.rank][0]
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=dev)  # noqa: E731
         dk_ext = z(B, h + Tp, Hkv, D) if dk_ext is None else dk_ext
         dv_ext = z(B, h + Tp, Hkv, Dv) if dv_ext is None else dv_ext
         dkv = torch.cat([dk_ext, dv_ext], dim=-1)
-        dkv_local = dkv[:, h:].clone()
         # (1) halo gradients go back to the ranks that own those keys; ours come back from the ranks we fed
-        sends, offset = [], 0
-        for j, s, e in plan.recvs():
-            sends.append((j, dkv[:, offset:offset + e - s]))
-            offset += e - s
-        back = [(p, s, e, dkv.new_empty(B, e - s, Hkv, D + Dv)) for p, s, e in plan.sends()]
-        _p2p(plan, sends, [(p, t) for p, _, _, t in back])
-        for _, s, e, t in back:
-            dkv_local[:, s - a:e - a] += t
+        dkv_local = scatter_halo_grad(dkv[:, :h], plan.halo, dkv[:, h:].clone())
         # (2) the global rows: every rank's gradient of the gathered rows, summed, belongs to the owner
         G = plan.g.numel()
         dq = z(B, Tp, H, D)
@@ -244,7 +213,7 @@ def sp_sparse_attention(
     k_ext, v_ext, qg, kg, vg = _Exchange.apply(q, k, v, plan)
     G = plan.g.numel()
     g_kw = dict(kg=kg, vg=vg, g_pos=plan.g) if G else {}
-    o, _ = window_attention(q, k_ext, v_ext, window=window, q_start=a, k_start=plan.halo_start(plan.rank),
+    o, _ = window_attention(q, k_ext, v_ext, window=window, q_start=a, k_start=plan.halo.start(plan.rank),
                             scale=scale, backend=backend, **g_kw)
     if G:
         og, lse = window_attention(qg, k, v, window=INF_WINDOW, q_pos=plan.g, k_start=a, scale=scale,
