@@ -6,6 +6,9 @@ Every helper takes an explicit ``group`` (no global process-group state). Backwa
   P small maps instead of a reduce-scatter, because gloo has no reduce-scatter; the maps' size does not grow with T.)
 - ``replicated``: identity forward for an input that every rank holds the same copy of (e.g. the initial state); its
   gradient is the sum of the ranks' partial gradients, so every rank receives the full gradient.
+- ``token_mean``: a mean over tokens spread across ranks, Σ_r s_r / Σ_r n_r. Its value is the global mean on every rank;
+  its gradient is this rank's share ∂(s_r / N)/∂· only (N = Σ_r n_r is a constant count), so summing the parameter
+  gradients over the group (what sequence-parallel gradient reduction does) gives the gradient of the global mean.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["all_gather_stack", "group_rank_size", "replicated"]
+__all__ = ["all_gather_stack", "group_rank_size", "replicated", "token_mean"]
 
 
 def group_rank_size(group: ProcessGroup | None) -> tuple[int, int]:
@@ -68,3 +71,25 @@ def all_gather_stack(x: torch.Tensor, group: ProcessGroup | None = None) -> torc
 def replicated(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """Mark a tensor held identically by every rank: identity forward, gradient summed over the group."""
     return _Replicated.apply(x, group)
+
+
+def token_mean(local_sum: torch.Tensor, local_count: torch.Tensor | int,
+               group: ProcessGroup | None = None) -> torch.Tensor:
+    """``Σ_r local_sum_r / Σ_r local_count_r`` over the ranks of ``group`` (one all-reduce of two numbers).
+
+    Args:
+        local_sum: this rank's sum of a per-token quantity (a 0-dim tensor, e.g. the summed token losses).
+        local_count: this rank's number of tokens in that sum.
+        group: the group the tokens are spread over (the sequence-parallel group).
+
+    Returns:
+        A 0-dim tensor whose value is the global mean on every rank and whose gradient is this rank's share
+        ``local_sum / N`` (see the module docstring). ``N = 0`` gives NaN, as a mean over no tokens does.
+    """
+    if local_sum.dim() != 0:
+        raise ValueError(f"local_sum must be a 0-dim tensor, got shape {tuple(local_sum.shape)}")
+    count = torch.as_tensor(local_count, device=local_sum.device).to(local_sum.dtype)
+    stats = torch.stack([local_sum.detach(), count])
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    share = local_sum / stats[1]
+    return share + (stats[0] / stats[1] - share).detach()

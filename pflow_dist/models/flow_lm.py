@@ -181,7 +181,10 @@ class FlowMixer(nn.Module):
         H, R, K, V = cfg.n_heads, cfg.rank, cfg.key_dim, cfg.value_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if cfg.use_short_conv:
-            q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
+            hq = hk = hv = None
+            if sp_group is not None and cfg.conv_size > 1:
+                hq, hk, hv = self._conv_halo(q, k, v, sp_group)
+            q, k, v = self.q_conv(q, cache=hq), self.k_conv(k, cache=hk), self.v_conv(v, cache=hv)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = F.normalize(q.view(B, T, H, K), dim=-1)
@@ -208,13 +211,26 @@ class FlowMixer(nn.Module):
             g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
         return beta, g
 
+    def _conv_halo(self, q, k, v, sp_group):
+        """The ``conv_size − 1`` inputs of each short conv before this shard (zeros on the first rank): one
+        differentiable exchange for q, k and v together."""
+        from ..dist.halo import halo_exchange  # noqa: PLC0415 - models may use dist; lazily
+
+        sizes = [q.shape[-1], k.shape[-1], v.shape[-1]]
+        halo = halo_exchange(torch.cat([q, k, v], dim=-1), self.cfg.conv_size - 1, sp_group)
+        return halo.split(sizes, dim=-1)
+
     def _flow(self, q, k, v, beta, g, sp_group):
-        """The one call to the flow op (sequence parallelism will thread its context through here)."""
-        if sp_group is not None:
-            raise NotImplementedError("sequence-parallel FlowLM needs the sequence-parallel flow op and a conv halo "
-                                      "exchange, which land with the sequence-parallel issue; pass sp_group=None")
-        o, _ = chunk_flow(q, k, v, beta, g,
-                         rank_form=self.cfg.rank_form, chunk_size=self.cfg.chunk_size, backend=self.cfg.backend)
+        """The one call to the flow op: the single-device op, or its sequence-parallel form over ``sp_group``."""
+        cfg = self.cfg
+        if sp_group is None:
+            o, _ = chunk_flow(q, k, v, beta, g, rank_form=cfg.rank_form, chunk_size=cfg.chunk_size,
+                              backend=cfg.backend)
+            return o
+        from ..dist.sp_ops import sp_flow  # noqa: PLC0415 - models may use dist; lazily
+
+        o, _ = sp_flow(q, k, v, beta, g, group=sp_group, rank_form=cfg.rank_form, chunk_size=cfg.chunk_size,
+                       backend=cfg.backend)
         return o
 
 
@@ -278,8 +294,11 @@ class FlowLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, sp_group: Any = None) -> torch.Tensor:
         """Logits ``[B, T, vocab_size]`` (in the parameters' dtype) for token ids ``input_ids [B, T]`` (int64).
 
-        ``sp_group``: the sequence-parallel process group / context, threaded to every mixer's flow op (not
-        supported yet: raises NotImplementedError when given).
+        ``sp_group``: the sequence-parallel process group. With it, ``input_ids`` is this rank's contiguous shard of
+        the sequence (ranks in sequence order, e.g. :func:`~pflow_dist.dist.sharding.shard_sequence`) and the logits
+        are the matching rows of the single-process logits: flow mixers run the sequence-parallel flow op and feed
+        their short convs the previous ranks' inputs (a halo), attention mixers exchange their window's halo and the
+        global tokens. Every rank of the group must call it, and backpropagate through it if any rank does.
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an int64 [B, T] tensor, got {input_ids.dtype} "
@@ -290,9 +309,24 @@ class FlowLM(nn.Module):
         return self.lm_head(self.norm(x))
 
     @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean cross-entropy (in float32) over the positions whose label is not ``ignore_index``."""
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+    def loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, sp_group: Any = None
+             ) -> torch.Tensor:
+        """Mean cross-entropy over the positions whose label is not ``ignore_index``, computed in float32 (float64
+        for float64 logits).
+
+        With ``sp_group`` (``logits``, ``labels``: this rank's shard of the sequence) the mean runs over the tokens of
+        the whole group: Σ_r (sum of rank r's token losses) / Σ_r (rank r's scored tokens), so it equals the
+        single-process loss on every rank; its gradient is this rank's share only, and summing parameter gradients
+        over the group gives the single-process gradient (:func:`~pflow_dist.dist.comm.token_mean`).
+        """
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        flat_logits, flat_labels = logits.to(acc).flatten(0, 1), labels.flatten()
+        if sp_group is None:
+            return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
+        from ..dist.comm import token_mean  # noqa: PLC0415 - models may use dist; lazily
+
+        total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
+        return token_mean(total, (flat_labels != ignore_index).sum(), sp_group)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (shared weights counted once); ``non_embedding`` drops the input embedding."""
