@@ -31,10 +31,12 @@ import torch
 from ..kernels.common.checks import check_tensor
 from ..kernels.deer.naive import GRUWeights
 from ..kernels.deer.update import deer_update
-from .deer_cells import FuncSystem, GRUSystem, shift
+from .deer_cells import FuncSystem, GRUSystem, Transition, shift
 from .scan import resolve_backend, scan_adjoint, scan_forward
 
 __all__ = ["DEERConvergenceError", "DEERInfo", "METHODS", "deer_rnn"]
+# solver pieces shared with the sequence-parallel solver (pflow_dist/dist/sp_deer.py): adjoint_scan, build_system,
+# check_solver_args, convergence_message, needs_grad, newton_loop, pointwise_triton, solver_backends
 
 METHODS = ("newton", "quasi", "damped")
 _DEFAULT_TOL = {torch.float32: (1e-4, 1e-3), torch.float64: (1e-8, 1e-6)}
@@ -78,13 +80,21 @@ class _Adjoint(torch.autograd.Function):
         (h_star,) = ctx.saved_tensors
         system = ctx.system
         trans = system.jacobian(shift(h_star, system.h0), h_star)
-        g = g.to(h_star.dtype).contiguous()
-        if ctx.backend.startswith("iterative"):
-            lam = _iterative_adjoint(trans["coef"], trans["mats"], g, ctx.backend.split(":")[1])
-        else:
-            lam, _, _ = scan_adjoint(trans.get("a"), g, None, ctx.backend, coef=trans.get("coef"),
-                                     mats=trans.get("mats"))
-        return lam, None, None, None
+        return adjoint_scan(trans, g.to(h_star.dtype).contiguous(), ctx.backend), None, None, None
+
+
+def adjoint_scan(trans: Transition, g: torch.Tensor, backend: str) -> torch.Tensor:
+    """The adjoint ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` (``λ_T = g_T``) for the Jacobians ``trans`` at the converged
+    trajectory (``{"a": [B, T, n, n]}`` or structured ``{"coef", "mats"}``), ``g [B, T, n]``; no autograd.
+
+    ``backend`` is a resolved scan backend or ``"iterative:<backend>"`` (structured J only, see
+    :func:`_iterative_adjoint`). A gradient at the last state from beyond the sequence (sequence parallelism) is
+    added to ``g[:, -1]`` by the caller.
+    """
+    if backend.startswith("iterative"):
+        return _iterative_adjoint(trans["coef"], trans["mats"], g, backend.split(":")[1])
+    lam, _, _ = scan_adjoint(trans.get("a"), g, None, backend, coef=trans.get("coef"), mats=trans.get("mats"))
+    return lam
 
 
 def _iterative_adjoint(coef: torch.Tensor, mats: torch.Tensor, g: torch.Tensor, backend: str, rtol: float = 1e-6,
@@ -112,7 +122,13 @@ def _iterative_adjoint(coef: torch.Tensor, mats: torch.Tensor, g: torch.Tensor, 
     return lam
 
 
-def _system(cell, x: torch.Tensor, h0: torch.Tensor | None, dtype: torch.dtype, use_triton: bool):
+def build_system(cell, x: torch.Tensor, h0: torch.Tensor | None, dtype: torch.dtype, use_triton: bool):
+    """The cell system DEER linearises (:class:`GRUSystem` for GRUs, :class:`FuncSystem` for a callable).
+
+    Raises:
+        TypeError: ``cell`` is neither a GRU nor callable. ValueError: input size mismatch, or no ``h0`` for a
+            generic cell.
+    """
     if isinstance(cell, (torch.nn.GRU, torch.nn.GRUCell)):
         cell = GRUWeights.from_module(cell)
     if isinstance(cell, GRUWeights):
@@ -127,25 +143,138 @@ def _system(cell, x: torch.Tensor, h0: torch.Tensor | None, dtype: torch.dtype, 
     return FuncSystem(cell, x, h0, h0.shape[-1], dtype)
 
 
-def _solve(system, B: int, T: int, n: int, method: str, scale: float, atol: float, rtol: float, max_iter: int,
-           backend: str, device: torch.device) -> tuple[torch.Tensor, DEERInfo]:
-    h = torch.zeros(B, T, n, device=device, dtype=system.dtype)  # DEER's guess; Newton is exact after T iterations
+def check_solver_args(x: torch.Tensor, h0: torch.Tensor | None, method: str, tol: float | None, atol: float | None,
+                      rtol: float | None, max_iter: int, damping: float) -> tuple[float, float]:
+    """Validate the solver's inputs and options (shared by :func:`deer_rnn` and the sequence-parallel solver).
+
+    Returns:
+        ``(atol, rtol)`` resolved from ``tol`` and the dtype's defaults.
+    """
+    check_tensor("x", x, ndim=3, dims="[B, T, I]", dtypes=(torch.float32, torch.float64))
+    B, T, _ = x.shape
+    if T == 0:
+        raise ValueError("x must have at least one time step (T >= 1), got T=0")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if not 0.0 <= damping < 1.0:
+        raise ValueError(f"damping must be in [0, 1), got {damping}")
+    d_atol, d_rtol = _DEFAULT_TOL[x.dtype]
+    atol = (tol if tol is not None else d_atol) if atol is None else atol
+    rtol = (0.0 if tol is not None else d_rtol) if rtol is None else rtol
+    if atol < 0 or rtol < 0:
+        raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+    if h0 is not None:
+        check_tensor("h0", h0, ndim=2, dims="[B, n]")
+        if h0.shape[0] != B:
+            raise ValueError(f"h0 must have shape [B={B}, n], got {list(h0.shape)}")
+        if h0.device != x.device:
+            raise ValueError(f"x and h0 must be on one device, got {x.device} and {h0.device}")
+    return atol, rtol
+
+
+def pointwise_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether the Newton terms use the Triton pointwise kernels (``backend`` triton, or auto on CUDA fp32).
+
+    Raises:
+        ValueError: an unknown backend.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        resolve_backend(backend, x.device, x.dtype, 1, True)  # raises the named error
+    return backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype == torch.float32)
+
+
+def solver_backends(backend: str, x: torch.Tensor, n: int, method: str, structured: bool) -> tuple[str, str]:
+    """``(scan backend of the Newton steps, backend of the adjoint)`` for state size ``n``; ``structured``: the cell
+    has the GRU's structured Jacobian (enables the iterative adjoint for n > 32 on CUDA).
+
+    Raises:
+        ValueError: triton where it cannot run, or a dense method that CUDA cannot run.
+    """
+    dtype, diagonal = x.dtype, method == "quasi"
+    be = resolve_backend(backend, x.device, dtype, n, diagonal)
+    if not diagonal and be == "torch" and x.is_cuda and backend == "auto":
+        raise ValueError(f"method={method!r} on CUDA needs n <= 64 (the dense Triton scan; the torch path would "
+                         f"materialise B·T·n² Jacobians), got n={n}: use method='quasi'")
+    # the adjoint scans the dense J_tᵀ (exact gradients for every method): Triton's dense scan takes n ≤ 64
+    # n > 32 on GPU: the dense Jᵀ scan's n³ chunk products (1 program per SM at n = 64) cost more than iterating
+    # diagonal reverse scans with the off-diagonal part as GEMMs (H100, B16 n64 T17984: the dense adjoint took ~165 ms)
+    if n > 32 and x.is_cuda and structured:
+        adj_be = "iterative:" + resolve_backend(backend, x.device, dtype, n, True)
+    else:
+        adj_be = resolve_backend(backend if (backend != "triton" or n <= 64) else "auto", x.device, dtype, n, False)
+    return be, adj_be
+
+
+def newton_loop(
+    h: torch.Tensor,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    method: str,
+    atol: float,
+    rtol: float,
+    max_iter: int,
+    use_triton: bool,
+    agree: Callable[[float, int], tuple[float, int]] | None = None,
+    on_reset: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, DEERInfo]:
+    """DEER's outer loop: ``δ = step(h)`` (one linearised solve), ``h += δ``, stop when ``|δ| ≤ atol + rtol|h|``.
+
+    Args:
+        h: the initial guess ``[B, T, n]``, updated in place (a new tensor after a NaN/Inf reset).
+        step: returns the Newton correction ``δ`` at the iterate ``h``.
+        agree: maps this process's ``(violation, #non-finite)`` to the values every process uses (sequence
+            parallelism: a max over ranks, so all ranks iterate and reset together); identity when ``None``.
+        on_reset: called with the reset iterate after an iteration whose update held NaN/Inf.
+
+    Returns:
+        ``(h, info)``: the last iterate and a :class:`DEERInfo`.
+    """
     resets, viol = 0, float("nan")
     for it in range(1, max_iter + 1):
+        delta = step(h)
+        viol, bad = deer_update(h, delta, atol, rtol, use_triton=use_triton)
+        if agree is not None:
+            viol, bad = agree(viol, bad)
+        if bad:  # NaN/Inf past the exact prefix: reset them to 0 and keep iterating (DEER's heuristic)
+            resets += 1
+            viol = float("nan")
+            h = torch.where(torch.isfinite(h), h, torch.zeros((), device=h.device, dtype=h.dtype))
+            if on_reset is not None:
+                on_reset(h)
+            continue
+        if viol <= 0:
+            return h, DEERInfo(it, True, viol, resets, method)
+    return h, DEERInfo(max_iter, False, viol, resets, method)
+
+
+def convergence_message(info: DEERInfo, atol: float, rtol: float) -> str:
+    """The report of a solve that did not converge (raised or warned)."""
+    return (f"DEER ({info.method}) did not converge in {info.iterations} iterations: max(|Δh| − atol − rtol·|h|) = "
+            f"{info.max_violation:.3e} (atol={atol:g}, rtol={rtol:g}); {info.resets} iteration(s) produced NaN/Inf "
+            "and were reset to 0. The recurrence may be unstable or chaotic (parallel Newton converges slowly "
+            "when the Lyapunov exponent is positive): try method='damped', a larger max_iter, or the sequential "
+            "loop.")
+
+
+def needs_grad(cell, x: torch.Tensor, h0: torch.Tensor | None) -> bool:
+    """Whether the solve must build the adjoint graph (grad mode on and some input or parameter requires grad)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or (h0 is not None and h0.requires_grad) or any(p.requires_grad for p in _parameters(cell))
+    )
+
+
+def _local_step(system, method: str, scale: float, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One Newton correction on one device: linearise at ``h`` and scan ``δ_t = A_t δ_{t-1} + r_t`` from zero."""
+    def step(h: torch.Tensor) -> torch.Tensor:
         res, trans = system.linearize(h, method, scale)
         # tf32 chunk products on the Triton dense path: in delta form an inexact A only slows convergence
         kw = {"precision": "tf32"} if (backend == "triton" and "a" not in trans) else {}
         delta, _ = scan_forward(trans.get("a"), res, None, backend, coef=trans.get("coef"), mats=trans.get("mats"),
                                 **kw)
-        viol, bad = deer_update(h, delta, atol, rtol, use_triton=backend == "triton")
-        if bad:  # NaN/Inf past the exact prefix: reset them to 0 and keep iterating (DEER's heuristic)
-            resets += 1
-            viol = float("nan")
-            h = torch.where(torch.isfinite(h), h, torch.zeros((), device=device, dtype=h.dtype))
-            continue
-        if viol <= 0:
-            return h, DEERInfo(it, True, viol, resets, method)
-    return h, DEERInfo(max_iter, False, viol, resets, method)
+        return delta
+
+    return step
 
 
 def deer_rnn(
@@ -198,63 +327,22 @@ def deer_rnn(
         >>> torch.allclose(h, gru(x)[0], atol=1e-4), info.converged
         (True, True)
     """
-    check_tensor("x", x, ndim=3, dims="[B, T, I]", dtypes=(torch.float32, torch.float64))
+    atol, rtol = check_solver_args(x, h0, method, tol, atol, rtol, max_iter, damping)
     B, T, _ = x.shape
-    if T == 0:
-        raise ValueError("x must have at least one time step (T >= 1), got T=0")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if not 0.0 <= damping < 1.0:
-        raise ValueError(f"damping must be in [0, 1), got {damping}")
-    dtype = x.dtype
-    d_atol, d_rtol = _DEFAULT_TOL[dtype]
-    atol = (tol if tol is not None else d_atol) if atol is None else atol
-    rtol = (0.0 if tol is not None else d_rtol) if rtol is None else rtol
-    if atol < 0 or rtol < 0:
-        raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
-    if h0 is not None:
-        check_tensor("h0", h0, ndim=2, dims="[B, n]")
-        if h0.shape[0] != B:
-            raise ValueError(f"h0 must have shape [B={B}, n], got {list(h0.shape)}")
-        if h0.device != x.device:
-            raise ValueError(f"x and h0 must be on one device, got {x.device} and {h0.device}")
-    diagonal = method == "quasi"
-    if backend not in ("auto", "triton", "torch"):
-        resolve_backend(backend, x.device, dtype, 1, True)  # raises the named error
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and dtype == torch.float32)
-    system = _system(cell, x, h0, dtype, use_triton)
+    system = build_system(cell, x, h0, x.dtype, pointwise_triton(backend, x))
     n = system.n
     if h0 is not None and h0.shape[-1] != n:
         raise ValueError(f"h0 must have shape [B, n={n}], got {list(h0.shape)}")
-    be = resolve_backend(backend, x.device, dtype, n, diagonal)
-    if not diagonal and be == "torch" and x.is_cuda and backend == "auto":
-        raise ValueError(f"method={method!r} on CUDA needs n <= 64 (the dense Triton scan; the torch path would "
-                         f"materialise B·T·n² Jacobians), got n={n}: use method='quasi'")
-    # the adjoint scans the dense J_tᵀ (exact gradients for every method): Triton's dense scan takes n ≤ 64
-    # n > 32 on GPU: the dense Jᵀ scan's n³ chunk products (1 program per SM at n = 64) cost more than iterating
-    # diagonal reverse scans with the off-diagonal part as GEMMs (H100, B16 n64 T17984: the dense adjoint took ~165 ms)
-    if n > 32 and x.is_cuda and isinstance(system, GRUSystem):
-        adj_be = "iterative:" + resolve_backend(backend, x.device, dtype, n, True)
-    else:
-        adj_be = resolve_backend(backend if (backend != "triton" or n <= 64) else "auto", x.device, dtype, n, False)
+    be, adj_be = solver_backends(backend, x, n, method, isinstance(system, GRUSystem))
     scale = 1.0 - damping if method == "damped" else 1.0
-    h_star, info = _solve(system, B, T, n, method, scale, atol, rtol, min(max_iter, T + 1), be, x.device)
+    h = torch.zeros(B, T, n, device=x.device, dtype=x.dtype)  # DEER's guess; Newton is exact after T iterations
+    h_star, info = newton_loop(h, _local_step(system, method, scale, be), method, atol, rtol, min(max_iter, T + 1),
+                               be == "triton")
     if not info.converged:
-        msg = (f"DEER ({method}) did not converge in {info.iterations} iterations: max(|Δh| − atol − rtol·|h|) = "
-               f"{info.max_violation:.3e} (atol={atol:g}, rtol={rtol:g}); {info.resets} iteration(s) produced NaN/Inf "
-               "and were reset to 0. The recurrence may be unstable or chaotic (parallel Newton converges slowly "
-               "when the Lyapunov exponent is positive): try method='damped', a larger max_iter, or the sequential "
-               "loop.")
         if strict:
-            raise DEERConvergenceError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (h0 is not None and h0.requires_grad)
-        or any(p.requires_grad for p in _parameters(cell))
-    )
-    if needs_grad:
+            raise DEERConvergenceError(convergence_message(info, atol, rtol))
+        warnings.warn(convergence_message(info, atol, rtol), RuntimeWarning, stacklevel=2)
+    if needs_grad(cell, x, h0):
         y = system.evaluate(shift(h_star, h0))  # one batched f with autograd: the VJP of the adjoint
         h_out = _Adjoint.apply(y, h_star, system, adj_be)
     else:

@@ -58,7 +58,11 @@ class GRUSystem:
             self.b_hh = None if wd.bias_hh is None else wd.bias_hh.detach()
             self.mats = self.w_hh.view(3, self.n, self.n)
             self.wdiag = torch.diagonal(self.mats, dim1=-2, dim2=-1).contiguous()
-            self.h0 = None if h0 is None else h0.detach().to(dtype).contiguous()
+        self.set_initial_state(h0)
+
+    def set_initial_state(self, h0: torch.Tensor | None) -> None:
+        """Set the state before the first step (under sequence parallelism: the previous shard's last state)."""
+        self.h0 = None if h0 is None else h0.detach().to(self.dtype).contiguous()
 
     def _gh(self, h_prev: torch.Tensor) -> torch.Tensor:
         B, T, n = h_prev.shape
@@ -120,7 +124,11 @@ class FuncSystem:
         self.n = n
         self.dtype = dtype
         self.xd = x.detach().to(dtype)
-        self.h0 = None if h0 is None else h0.detach().to(dtype)
+        self.set_initial_state(h0)
+
+    def set_initial_state(self, h0: torch.Tensor | None) -> None:
+        """Set the state before the first step (under sequence parallelism: the previous shard's last state)."""
+        self.h0 = None if h0 is None else h0.detach().to(self.dtype)
 
     def _f(self, h_prev: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
