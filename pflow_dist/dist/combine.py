@@ -1,18 +1,25 @@
 # The cross-device prefix combine (DESIGN.md §6; LASP-2 style: one all-gather of per-rank states, then a local prefix).
 #
 # Rank p holds a contiguous shard and computes, from a zero state, its shard's flow (M_p, D_p): S_end = M_p S_start
-# + D_p. One all-gather of the flows (size independent of T: K² + K·V per head for flow, n² + n for a dense scan, 2n for
-# a diagonal one) lets every rank compose the exclusive prefix and get its true incoming state
-#     S_in,p = (M_{p-1}, D_{p-1}) ∘ ... ∘ (M_0, D_0) applied to S_0,
-# after which the local op runs (or is corrected) with initial_state = S_in,p. The backward pass is autograd through
-# exactly these steps: ∂L/∂S_in,p flows into the maps of ranks j < p with the transposed maps (the adjoint of the
-# composition), and the all-gather's backward returns to each rank the summed gradient of its own (M_p, D_p).
+# + D_p. Every rank needs its true incoming state, the exclusive prefix of the maps applied to S_0:
+#     S_in,p = (M_{p-1}, D_{p-1}) ∘ ... ∘ (M_0, D_0) applied to S_0            (forward order)
+# or, with reverse=True, the exclusive *suffix* (ranks P-1, ..., p+1 in that order: adjoint recurrences, which run
+# backwards in time). Two algorithms, same result (the maps are composed with kernels/common/affine.py, written once):
+#   "allgather": one all-gather of the (M_p, D_p) (size independent of T: K² + K·V per head for flow, n² + n for a
+#       dense scan, 2n for a diagonal one), then each rank folds the ≤ P−1 maps before it onto S_0 (fla CP, LASP-2).
+#   "doubling": Hillis–Steele recursive doubling over ranks with point-to-point messages: in round d = 1, 2, 4, ...
+#       rank p sends its partial x_p (covering ranks (p−d, p]) to p+d and receives x_{p−d}; it keeps the received
+#       pieces (together they cover [0, p−1]) and composes x_p ← x_p ∘ x_{p−d} only while it still has a rank to send
+#       to. ceil(log2 P) rounds, one map sent per round; at the end the pieces are applied to S_0, earliest first.
+# Backward of either (autograd-correct by construction): with λ_p = ∂L/∂S_in,p, the gradient of this rank's output
+# state S_out,p = M_p S_in,p + D_p obeys μ_p = λ_{p+1} + M_{p+1}ᵀ μ_{p+1}, μ_{P−1} = 0 — the *opposite-direction*
+# combine of the maps (M_qᵀ, λ_q) from zero, the same routine. Then dD_p = μ_p, dM_p = μ_p S_in,pᵀ, and ∂L/∂S_0 =
+# λ_0 + M_0ᵀ μ_0 on the first rank, all-reduced so every rank holds it (S_0 is one tensor replicated on all ranks).
 #
-# Why all-gather + local prefix and not a log-depth (Hillis–Steele) exchange over ranks: with P ranks the all-gather
-# moves P maps per rank in one collective, a log-depth scan moves log2(P) maps per rank but in log2(P) dependent
-# rounds of point-to-point latency. The maps are small (a 128×128 fp32 map per head is 64 KiB), so up to the P of one
-# or a few nodes the single collective wins on latency; the composition is O(P) tiny matmuls.
-"""The cross-device prefix combine: each rank's incoming state from the all-gathered flows of the ranks before it."""
+# Which one (measured, benchmarks/results/combine_cpu.jsonl, `python -m pflow_dist.bench.combine`): gloo on this
+# 2-core CPU box, B1 H16 K=V=128 fp32 flow maps (1 MiB M + 1 MiB D per rank), median fwd+bwd per call on the slowest
+# rank: P=2: allgather <AG2> ms vs doubling <DB2> ms; P=4: <AG4> vs <DB4>; P=8: <AG8> vs <DB8>. <VERDICT>
+"""The cross-device prefix combine: each rank's incoming state from the flows of the ranks before (or after) it."""
 
 from __future__ import annotations
 
@@ -20,10 +27,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from ..kernels.common.affine import apply_map
-from .comm import group_rank_size
+from ..kernels.common.affine import apply_map, compose
+from .comm import group_rank_size, send_recv
 
-__all__ = ["incoming_state"]
+__all__ = ["ALGORITHMS", "incoming_state"]
+
+ALGORITHMS = ("allgather", "doubling")
 
 
 def _flat_all_gather(tensors: list[torch.Tensor], group: ProcessGroup | None, world: int) -> list[torch.Tensor]:
@@ -49,42 +58,67 @@ def _map_vjp(M: torch.Tensor, S: torch.Tensor, lam: torch.Tensor, diagonal: bool
     return lam @ S.transpose(-1, -2), M.transpose(-1, -2) @ lam
 
 
+def _allgather(M, D, S, group, rank, world, reverse, diagonal) -> torch.Tensor:
+    Ms, Ds = _flat_all_gather([M.contiguous(), D.contiguous()], group, world)
+    for j in (range(world - 1, rank, -1) if reverse else range(rank)):
+        S = apply_map((Ms[j], Ds[j]), S, diagonal)
+    return S
+
+
+def _doubling(M, D, S, group, rank, world, reverse, diagonal) -> torch.Tensor:
+    real = (lambda v: world - 1 - v) if reverse else (lambda v: v)  # noqa: E731  position in the chain -> rank
+    v = real(rank)
+    x, pieces, d = (M, D), [], 1
+    while d < world:
+        send = [(real(v + d), torch.cat([x[0].reshape(-1), x[1].reshape(-1)]))] if v + d < world else []
+        buf = M.new_empty(M.numel() + D.numel()) if v - d >= 0 else None
+        send_recv(send, [(real(v - d), buf)] if buf is not None else [], group)
+        if buf is not None:
+            piece = (buf[:M.numel()].view_as(M), buf[M.numel():].view_as(D))  # covers chain positions (v-2d, v-d]
+            pieces.append(piece)
+            if v + 2 * d < world:  # x is sent again next round: extend it to (v-2d, v]
+                x = compose(piece, x, diagonal)
+        d *= 2
+    for piece in reversed(pieces):  # earliest ranks first
+        S = apply_map(piece, S, diagonal)
+    return S
+
+
+def _combine(M, D, S0, group, reverse: bool, diagonal: bool, algorithm: str) -> torch.Tensor:
+    """The exclusive prefix (suffix if ``reverse``) of the ranks' maps applied to ``S0`` (zeros when ``None``)."""
+    rank, world = group_rank_size(group)
+    S = torch.zeros_like(D) if S0 is None else S0.to(D.dtype)
+    fn = _doubling if algorithm == "doubling" else _allgather
+    return fn(M, D, S, group, rank, world, reverse, diagonal)
+
+
 class _IncomingState(torch.autograd.Function):
-    """Forward: all-gather (M_p, D_p), compose the exclusive prefix on S_0. Backward: the same walk with transposed
-    maps, then one all-reduce that hands every rank the summed gradient of its own map and of S_0."""
+    """Forward: the combine. Backward: the opposite-direction combine of the transposed maps carrying ∂L/∂S_in, then
+    one all-reduce for the replicated ``S_0`` (see the header for the derivation)."""
 
     @staticmethod
-    def forward(ctx, M, D, S0, group, diagonal):
-        rank, world = group_rank_size(group)
-        Ms, Ds = _flat_all_gather([M.contiguous(), D.contiguous()], group, world)
-        S = torch.zeros_like(D) if S0 is None else S0.to(D.dtype)
-        states = []
-        for j in range(rank):
-            states.append(S)
-            S = apply_map((Ms[j], Ds[j]), S, diagonal)
-        ctx.group, ctx.diagonal, ctx.rank, ctx.world = group, diagonal, rank, world
-        ctx.has_s0 = S0 is not None
+    def forward(ctx, M, D, S0, group, diagonal, reverse, algorithm):
+        S = _combine(M, D, S0, group, reverse, diagonal, algorithm)
+        ctx.args = (group, diagonal, reverse, algorithm)
         ctx.s0_dtype = None if S0 is None else S0.dtype
-        ctx.save_for_backward(Ms, *states)
+        ctx.save_for_backward(M, S)
         return S
 
     @staticmethod
     def backward(ctx, lam):
-        Ms, *states = ctx.saved_tensors
-        rank, world = ctx.rank, ctx.world
-        dMs = Ms.new_zeros(Ms.shape)
-        dDs = lam.new_zeros((world, *lam.shape))
-        for j in range(rank - 1, -1, -1):
-            dDs[j] = lam
-            dMs[j], lam = _map_vjp(Ms[j], states[j], lam, ctx.diagonal)
-        # lam is now this rank's contribution to dS0; one all-reduce carries every rank's contributions to all maps
-        flat = torch.cat([dMs.reshape(-1), dDs.reshape(-1), lam.reshape(-1)])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
-        nM, nD = dMs.numel(), dDs.numel()
-        dM = flat[:nM].reshape(Ms.shape)[rank]
-        dD = flat[nM:nM + nD].reshape(dDs.shape)[rank]
-        dS0 = flat[nM + nD:].reshape(lam.shape).to(ctx.s0_dtype) if ctx.has_s0 else None
-        return dM, dD, dS0, None, None
+        M, S_in = ctx.saved_tensors
+        group, diagonal, reverse, algorithm = ctx.args
+        Mt = M if diagonal else M.transpose(-1, -2)
+        mu = _combine(Mt, lam.contiguous(), None, group, not reverse, diagonal, algorithm)  # ∂L/∂S_out of this rank
+        dM, dS_in = _map_vjp(M, S_in, mu, diagonal)
+        dS0 = None
+        if ctx.s0_dtype is not None:
+            rank, world = group_rank_size(group)
+            first = rank == (world - 1 if reverse else 0)
+            dS0 = (lam + dS_in) if first else torch.zeros_like(lam)
+            dist.all_reduce(dS0, op=dist.ReduceOp.SUM, group=group)
+            dS0 = dS0.to(ctx.s0_dtype)
+        return dM, mu, dS0, None, None, None, None
 
 
 def incoming_state(
@@ -93,20 +127,36 @@ def incoming_state(
     initial_state: torch.Tensor | None,
     group: ProcessGroup | None = None,
     diagonal: bool = False,
+    *,
+    reverse: bool = False,
+    algorithm: str = "allgather",
 ) -> torch.Tensor:
     """The state entering this rank's shard, differentiably (every rank must call it, and backpropagate through it).
 
     Args:
-        M: this shard's transition, ``[..., n, n]`` (dense) or ``[..., n]`` (diagonal).
-        D: this shard's end state from a zero start, ``[..., n]`` or ``[..., n, m]`` (e.g. flow ``[B, H, K, V]``).
-        initial_state: the sequence's initial state, the same tensor on every rank (``None`` = zeros). Its gradient
-            is summed over the group, so every rank receives the full gradient.
+        M: this shard's transition, ``[..., n, n]`` (dense) or ``[..., n]`` (diagonal); same shape on every rank.
+        D: this shard's end state from a zero start, ``[..., n]`` or ``[..., n, m]`` (e.g. flow ``[B, H, K, V]``),
+            same dtype as ``M``.
+        initial_state: the sequence's initial state, the same tensor on every rank (``None`` = zeros, on every rank).
+            Its gradient is summed over the group, so every rank receives the full gradient.
         group: the sequence-parallel process group (ranks in sequence order).
         diagonal: whether ``M`` is stored as its diagonal.
+        reverse: combine the ranks *after* this one, last rank first (a recurrence running backwards in time, e.g.
+            an adjoint): ``initial_state`` then enters the last rank.
+        algorithm: ``"allgather"`` (one all-gather, then a local fold of ≤ P−1 maps) or ``"doubling"``
+            (recursive doubling, ceil(log2 P) rounds of point-to-point messages); equal results.
 
     Returns:
-        ``S_in`` with the shape of ``D``: ``initial_state`` on rank 0, the composed prefix on the others.
+        ``S_in`` with the shape and dtype of ``D``: ``initial_state`` on the first rank (rank 0; the last one when
+        ``reverse``), the composed prefix (suffix) on the others.
+
+    Raises:
+        TypeError: ``M`` and ``D`` of different dtypes. ValueError: an unknown algorithm.
     """
+    if not isinstance(M, torch.Tensor) or not isinstance(D, torch.Tensor):
+        raise TypeError(f"M and D must be tensors, got {type(M).__name__} and {type(D).__name__}")
     if M.dtype != D.dtype:
         raise TypeError(f"M and D must share one dtype, got M={M.dtype}, D={D.dtype}")
-    return _IncomingState.apply(M, D, initial_state, group, diagonal)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    return _IncomingState.apply(M, D, initial_state, group, diagonal, bool(reverse), algorithm)

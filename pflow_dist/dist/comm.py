@@ -32,6 +32,22 @@ def group_rank_size(group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def global_rank(group: ProcessGroup | None, r: int) -> int:
+    """The global rank of group rank ``r`` (point-to-point ops address global ranks)."""
+    return r if group is None else dist.get_global_rank(group, r)
+
+
+def send_recv(send: list[tuple[int, torch.Tensor]], recv: list[tuple[int, torch.Tensor]],
+              group: ProcessGroup | None) -> None:
+    """Point-to-point, not differentiable: send each ``(group rank, tensor)`` of ``send`` and fill each buffer of
+    ``recv`` from its group rank, as one batch (so pairs of ranks that both send and receive cannot deadlock)."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), global_rank(group, r), group) for r, t in send]
+    ops += [dist.P2POp(dist.irecv, t, global_rank(group, r), group) for r, t in recv]
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
 class _AllGatherStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:

@@ -2,19 +2,24 @@
 equals the matching slice of the single-device op on the whole sequence (outputs, states and every gradient).
 
 Sequence parallelism is a keyword, not a forked op: the local work is the single-device op itself, run once for the
-shard's flow and once (or a cheap correction) with the incoming state from :func:`~pflow_dist.dist.combine.incoming_state`.
+shard's flow and once (or a cheap correction) with the incoming state from
+:func:`~pflow_dist.dist.combine.incoming_state`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.distributed import ProcessGroup
 
-from ..kernels.scan.naive import check_scan_inputs, naive_scan
+from ..kernels.common.affine import compose, identity_map
+from ..kernels.scan.naive import check_scan_inputs
 from ..ops.flow import chunk_flow, flow_map
+from ..ops.scan import scan
 from .combine import incoming_state
 
-__all__ = ["sp_flow", "sp_scan"]
+__all__ = ["ordered_product", "shard_map", "sp_affine", "sp_flow", "sp_scan"]
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -58,7 +63,26 @@ def sp_flow(
     return o, (S if output_final_state else None)
 
 
-def _ordered_product(a: torch.Tensor) -> torch.Tensor:
+def shard_map(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shard's flow ``(M, D)``: ``h_T = M h_0 + D`` for ``h_t = A_t h_{t-1} + b_t``, by a log-depth tree of
+    :func:`~pflow_dist.kernels.common.affine.compose` (differentiable by autograd).
+
+    Args:
+        a: ``[B, T, n]`` (diagonal) or ``[B, T, n, n]``; b: ``[B, T, n]``.
+
+    Returns:
+        ``(M [B, n] or [B, n, n], D [B, n])``.
+    """
+    diagonal = a.dim() == 3
+    while a.shape[1] > 1:
+        if a.shape[1] % 2:  # an identity map at the end leaves the composition unchanged
+            ia, ib = identity_map((a[:, -1:], b[:, -1:]), diagonal)
+            a, b = torch.cat([a, ia], dim=1), torch.cat([b, ib], dim=1)
+        a, b = compose((a[:, 0::2], b[:, 0::2]), (a[:, 1::2], b[:, 1::2]), diagonal)
+    return a[:, 0], b[:, 0]
+
+
+def ordered_product(a: torch.Tensor) -> torch.Tensor:
     """``A_T ⋯ A_1`` of ``a [B, T, n, n]`` by a log-depth tree of batched matmuls."""
     while a.shape[1] > 1:
         if a.shape[1] % 2:
@@ -68,6 +92,31 @@ def _ordered_product(a: torch.Tensor) -> torch.Tensor:
     return a[:, 0]
 
 
+LocalScan = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def sp_affine(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None, group: ProcessGroup | None,
+              local_scan: LocalScan, algorithm: str = "allgather") -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequence-parallel affine scan on top of a local scan ``local_scan(a, b, h0) -> h`` (the differentiable
+    scan op for :func:`sp_scan`, the no-autograd ``scan_forward`` for the DEER Newton step).
+
+    Diagonal: one local scan from zero and the linear correction ``h = h⁰ + (Π_{s≤t} a_s) ⊙ h_in``. Dense: the
+    shard's flow by :func:`shard_map` (a tree of n × n products, the price of any parallel dense scan), then one
+    local scan from ``h_in`` (rather than materialise the ``T`` cumulative products).
+
+    Returns:
+        ``(h [B, T_p, n], h_in [B, n])`` in ``b``'s dtype (``h_in``: the state entering this shard).
+    """
+    if a.dim() == 3:
+        h_zero = local_scan(a, b, None)
+        P = torch.cumprod(a, dim=1)
+        h_in = incoming_state(P[:, -1], h_zero[:, -1], initial_state, group, diagonal=True, algorithm=algorithm)
+        return h_zero + P * h_in.unsqueeze(1), h_in
+    M, D = shard_map(a, b)
+    h_in = incoming_state(M, D, initial_state, group, algorithm=algorithm)
+    return local_scan(a, b, h_in), h_in
+
+
 def sp_scan(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -75,12 +124,13 @@ def sp_scan(
     *,
     group: ProcessGroup | None,
     output_final_state: bool = False,
+    backend: str = "auto",
+    algorithm: str = "allgather",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sequence-parallel affine scan ``h_t = A_t h_{t-1} + b_t`` over the ranks of ``group``.
 
-    Diagonal scans need one local pass: ``h = h^0 + (Π_{s≤t} a_s) ⊙ h_in`` (the correction is linear in ``h_in``).
-    Dense scans run the local scan twice (from zero for the flow, then from ``h_in``) rather than materialise the
-    ``T`` cumulative ``n × n`` products.
+    The local work is the scan op (:func:`pflow_dist.ops.scan.scan`): diagonal scans need one local pass
+    (``h = h⁰ + (Π_{s≤t} a_s) ⊙ h_in``), dense scans one tree for the shard's flow and one pass from ``h_in``.
 
     Args:
         a: this rank's shard of the transitions, ``[B, T_p, N]`` (diagonal) or ``[B, T_p, N, N]`` (dense).
@@ -88,21 +138,15 @@ def sp_scan(
         initial_state: ``h_0 [B, N]``, identical on every rank.
         group: the sequence-parallel process group.
         output_final_state: also return the state at the end of this rank's shard.
+        backend: the local scan's backend (``"auto"``, ``"triton"``, ``"torch"``; see
+            :func:`~pflow_dist.ops.scan.scan`).
+        algorithm: the cross-rank combine, ``"allgather"`` or ``"doubling"`` (see :func:`incoming_state`).
 
     Returns:
-        ``(h [B, T_p, N], h_end [B, N] or None)``.
+        ``(h [B, T_p, N], h_end [B, N] or None)`` in ``b``'s dtype (computed in float32, float64 for float64).
     """
-    diagonal = check_scan_inputs(a, b, initial_state)
+    check_scan_inputs(a, b, initial_state)
     acc = _acc_dtype(b)
-    a_, b_ = a.to(acc), b.to(acc)
-    h_zero, _ = naive_scan(a_, b_)
-    h_zero = h_zero.to(acc)
-    if diagonal:
-        P = torch.cumprod(a_, dim=1)
-        h_in = incoming_state(P[:, -1], h_zero[:, -1], initial_state, group, diagonal=True)
-        h = h_zero + P * h_in.unsqueeze(1)
-    else:
-        h_in = incoming_state(_ordered_product(a_), h_zero[:, -1], initial_state, group)
-        h, _ = naive_scan(a_, b_, h_in)
-        h = h.to(acc)
-    return h.to(b.dtype), (h[:, -1] if output_final_state else None)
+    local = lambda a_, b_, h0: scan(a_, b_, h0, backend=backend)[0]  # noqa: E731
+    h, _ = sp_affine(a.to(acc), b.to(acc), initial_state, group, local, algorithm)
+    return h.to(b.dtype), (h[:, -1].to(b.dtype) if output_final_state else None)
