@@ -34,7 +34,7 @@ from pflow_dist.testing import assert_close
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-METHODS = ["sort", "michelot"]
+METHODS = ["sort", "michelot", "pivot"]
 
 
 def _other(ndim, red):
