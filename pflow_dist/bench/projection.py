@@ -12,6 +12,12 @@ fused kernels, CUDA only), ``exact-l1inf`` (:func:`~pflow_dist.ops.projection.ex
 column of the report is ``exact ms / ours ms``. ``python -m pflow_dist.bench.projection`` also writes
 ``extra.copy_GBps`` (``dst.copy_(x)``), ``extra.GBps`` (3 bytes per element moved, the bi-level minimum) and
 ``extra.speedup_vs_exact`` into the rows, and ``--ray`` times the Ray actor tree.
+
+ℓ1-ball threshold methods (``method=`` of :func:`~pflow_dist.ops.projection.l1_threshold`: ``sort``, ``michelot``,
+``pivot``) on the same matrices: ``l1-<method>`` projects all n·m entries onto one ℓ1 ball (one vector of up to 8e6),
+``l11-<method>`` is the bi-level ℓ1,1 projection (one batched call: the m column groups of n entries each get their
+own threshold). Their radius is the case's (``r1``: 1; ``f0.1``: 10% of ‖Y‖₁, resp. ‖Y‖_{1,1});
+``extra.speedup_vs_sort`` compares each with the ``-sort`` row of the same family.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import torch
 
 from ..kernels.projection.shapes import bilevel_tree
-from ..ops.projection import bilevel_project, exact_l1inf_project, mixed_norm
+from ..ops.projection import bilevel_project, exact_l1inf_project, mixed_norm, project_l1
 from .harness import BenchRow, measure, write_jsonl
 from .registry import Bench, Case, Impl, run_bench
 
@@ -51,7 +57,8 @@ def _inputs(case: Case, dtype: torch.dtype, device: torch.device) -> dict[str, t
     x = torch.rand(n, m, generator=gen, device=device, dtype=torch.float32 if dtype.itemsize < 4 else dtype)
     x = x.to(dtype)
     eta = r if r >= 1 else r * float(mixed_norm(x, ("l1", "linf"), ((1,), (0,))))
-    return {"x": x, "eta": torch.tensor(eta, dtype=torch.float64)}
+    eta_l1 = r if r >= 1 else r * float(x.abs().sum(dtype=torch.float64))  # ‖Y‖₁ = ‖Y‖_{1,1}
+    return {"x": x, "eta": torch.tensor(eta, dtype=torch.float64), "eta_l1": torch.tensor(eta_l1, dtype=torch.float64)}
 
 
 _OUT: dict[tuple, torch.Tensor] = {}
@@ -78,6 +85,20 @@ def _exact(inp):
     return (exact_l1inf_project(inp["x"], float(inp["eta"])),)
 
 
+def _l1_impls() -> list[Impl]:
+    """``l1-<method>`` (one ℓ1 ball over all entries) and ``l11-<method>`` (bi-level ℓ1,1) per threshold method."""
+    impls = []
+    for method in ("sort", "michelot", "pivot"):
+        def ball(inp, method=method):
+            return (project_l1(inp["x"], float(inp["eta_l1"]), method=method),)
+
+        def l11(inp, method=method):
+            return (bilevel_project(inp["x"], float(inp["eta_l1"]), "l1", (0,), method=method),)
+
+        impls += [Impl(f"l1-{method}", ball), Impl(f"l11-{method}", l11)]
+    return impls
+
+
 def _cuda_only(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "fused Triton kernels are timed on CUDA only (CPU: interpreter)"
 
@@ -88,7 +109,7 @@ BENCH = Bench(
     cases=_cases,
     make_inputs=_inputs,
     impls=[Impl("ours", _ours), Impl("ours-out", _ours_out), Impl("triton", _triton, _cuda_only),
-           Impl("exact-l1inf", _exact)],
+           Impl("exact-l1inf", _exact), *_l1_impls()],
     grad_inputs=(),
     modes=("fwd",),
     default_dtype=torch.float64,
@@ -112,6 +133,13 @@ def annotate(case: Case, inputs: dict[str, torch.Tensor], device: torch.device, 
     for r in rows:
         r.extra["copy_ms"] = t_copy
         r.extra["copy_GBps"] = 2 * nbytes / t_copy / 1e6
+        family, _, method = r.impl.partition("-")
+        if family in ("l1", "l11"):  # threshold methods: compared with the sort method on the same problem
+            r.extra["eta"] = float(inputs["eta_l1"])
+            sort = by_impl.get(f"{family}-sort")
+            if sort is not None and sort.median_ms and r.median_ms:
+                r.extra["speedup_vs_sort"] = sort.median_ms / r.median_ms
+            continue
         r.extra["eta"] = eta
         if r.median_ms:
             r.extra["GBps_at_3_bytes_per_elem"] = 3 * nbytes / r.median_ms / 1e6
@@ -143,11 +171,11 @@ def run(device: torch.device, dtype: torch.dtype | None = None, *, quick: bool =
         _OUT.clear()
         rows += case_rows
         for r in case_rows:
-            sp = r.extra.get("speedup_vs_exact")
+            sp, ss = r.extra.get("speedup_vs_exact"), r.extra.get("speedup_vs_sort")
             print(f"{r.case:<16} {r.impl:<12} {r.median_ms or float('nan'):10.3f} ms  "
                   f"copy {r.extra['copy_GBps']:7.2f} GB/s  at3B {r.extra.get('GBps_at_3_bytes_per_elem', 0):7.2f} GB/s"
-                  + (f"  vs exact {sp:5.2f}x" if sp else "") + (f"  [{r.status}: {r.error}]" if r.status != "ok"
-                                                                  else ""), flush=True)
+                  + (f"  vs exact {sp:5.2f}x" if sp else "") + (f"  vs sort {ss:5.2f}x" if ss else "")
+                  + (f"  [{r.status}: {r.error}]" if r.status != "ok" else ""), flush=True)
     return rows
 
 

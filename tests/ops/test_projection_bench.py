@@ -21,3 +21,15 @@ def test_projection_bench_quick_cpu():
         assert abs(ours.extra["norm_after"] - exact.extra["norm_after"]) <= 1e-9 * max(1.0, ours.extra["eta"])
         assert 0 <= ours.extra["groups_zeroed"] <= ours.shapes["x"][1]
         assert by[(case, "triton")].status == "unavailable"
+
+
+def test_projection_bench_threshold_method_rows():
+    rows = run(torch.device("cpu"), quick=True, warmup=0, rep=2, impls=[f"{f}-{m}" for f in ("l1", "l11")
+                                                                         for m in ("sort", "michelot", "pivot")])
+    by = {(r.case, r.impl): r for r in rows}
+    for case in {c.name for c in BENCH.cases(True)}:
+        for fam in ("l1", "l11"):
+            assert by[(case, f"{fam}-sort")].extra["speedup_vs_sort"] == 1.0
+            for m in ("michelot", "pivot"):
+                r = by[(case, f"{fam}-{m}")]
+                assert r.status == "ok" and r.extra["speedup_vs_sort"] > 0 and "speedup_vs_exact" not in r.extra
