@@ -84,7 +84,9 @@ class ParallelConfig:
         engine: ``"deepspeed"`` (DeepSpeed engine, any world size, ZeRO) or ``"plain"`` (torch AdamW in one
             process, no DeepSpeed start-up: the CPU demo's path).
         zero_stage: DeepSpeed ZeRO stage 0–3 (1: shard optimizer states, 2: + gradients, 3: + parameters).
-        sp_size: sequence-parallel degree (not available yet: must be 1).
+        sp_size: sequence-parallel degree: each sequence is cut into ``sp_size`` contiguous shards held by
+            consecutive ranks; the data-parallel degree is ``world_size / sp_size`` (must divide). 1 = data parallel
+            only. Any engine; ``"plain"`` needs several processes then (e.g. ``torchrun``).
     """
 
     engine: str = "deepspeed"
@@ -96,9 +98,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.engine must be one of {_ENGINES}, got {self.engine!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.sp_size != 1:
-            raise NotImplementedError(f"parallel.sp_size={self.sp_size}: sequence parallelism lands with the "
-                                      "sequence-parallel issue; use parallel.sp_size=1")
+        if self.sp_size < 1:
+            raise ValueError(f"parallel.sp_size must be >= 1, got {self.sp_size}")
 
 
 @dataclass
@@ -167,6 +168,9 @@ class RunConfig:
         if self.data.name == "text" and self.model.vocab_size < 256:
             raise ValueError(f"data.name='text' is byte-level: model.vocab_size must be >= 256, got "
                              f"{self.model.vocab_size}")
+        if self.data.seq_len < self.parallel.sp_size:
+            raise ValueError(f"data.seq_len={self.data.seq_len} is shorter than parallel.sp_size="
+                             f"{self.parallel.sp_size}: every sequence-parallel rank needs at least one token")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

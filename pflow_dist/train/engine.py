@@ -4,8 +4,18 @@
 #     gradient clipping, torch AdamW) and the loop's LambdaLR; any world size.
 #   - PlainEngine: torch AdamW + LambdaLR + clip_grad_norm_ in one process. It exists because DeepSpeed's start-up
 #     (import, process-group set-up, engine construction) costs seconds that a one-minute CPU demo should spend on
-#     learning; its update is the same (tests compare the two).
+#     learning; its update is the same (tests compare the two). On several processes (torchrun, or the tests' gloo
+#     workers) it reduces gradients itself: one all-reduce of the flat gradients, divided by the data-parallel degree.
 # The schedule (linear warm-up, cosine to min_lr_ratio) is written once, in lr_lambda.
+#
+# Sequence parallelism (parallel.sp_size > 1, dist/parallel_dims.py): a parameter's gradient must be summed over its
+# sequence-parallel group and averaged over its data-parallel group, i.e. summed over all ranks and divided by dp.
+# DeepSpeed does exactly that when given a Ulysses-style mpu (an object with `initialize_sequence_parallel`, detected by
+# deepspeed/utils/groups.py): it reduces and ZeRO-partitions over the "sequence-data-parallel" group (all dp × sp ranks)
+# and divides by its size / sp_size (engine._reduce_non_expert_gradients, stage_1_and_2.py, stage3.py); its batch-size
+# check uses world / sp_size (runtime/config.py); its gradient norm counts each partition once. So DeepSpeed's
+# averaging group is dp only in effect, while ZeRO shards over all ranks (sp ranks hold identical optimizer states,
+# which sharding over them saves). `SequenceParallelMPU` is that interface over our groups.
 """Engines of the training loop: DeepSpeed (``DeepSpeedEngine``) and single-process torch (``PlainEngine``)."""
 
 from __future__ import annotations
@@ -16,13 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ..dist.parallel_dims import ParallelDims
 from .checkpoint import install_safe_deepspeed_loader, load_plain, save_plain
 from .config import RunConfig
 from .ds_config import build_ds_config
 
-__all__ = ["DeepSpeedEngine", "PlainEngine", "import_deepspeed", "lr_lambda", "param_groups"]
+__all__ = ["DeepSpeedEngine", "PlainEngine", "SequenceParallelMPU", "import_deepspeed", "lr_lambda", "param_groups",
+           "reduce_gradients"]
 
 
 def import_deepspeed():
@@ -65,14 +78,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def reduce_gradients(params: list[nn.Parameter], dp_size: int) -> None:
+    """Sum every gradient over all ranks and divide by ``dp_size`` (= the sp-sum and dp-mean, see the header), in one
+    all-reduce of a flat buffer. Missing gradients count as zeros so every rank sends the same sizes."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dp_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).to(g.dtype).clone()
+        offset += g.numel()
+
+
 class PlainEngine:
-    """One process, torch AdamW; bf16 autocast on CUDA when ``precision == "bf16"``."""
+    """Torch AdamW; bf16 autocast on CUDA when ``precision == "bf16"``. One process, or several (``dims``) with the
+    gradients reduced by :func:`reduce_gradients` before clipping."""
 
     name = "plain"
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, precision: str) -> None:
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, precision: str,
+                 dims: ParallelDims | None = None) -> None:
         o = cfg.optim
+        self.dims = dims or ParallelDims(1, 1, 0)
         self.module = model.to(device)
+        if self.dims.world_size > 1:  # every rank starts from rank 0's weights (they are seeded alike anyway)
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                dist.broadcast(t.data, src=0)
         self.device = device
         self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                            eps=o.eps)
@@ -88,9 +120,9 @@ class PlainEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, sp_group: Any = None) -> torch.Tensor:
         with self._autocast():
-            return self.module(input_ids)
+            return self.module(input_ids) if sp_group is None else self.module(input_ids, sp_group=sp_group)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -99,6 +131,8 @@ class PlainEngine:
         self._micro += 1
         if self._micro % self.grad_accum:
             return
+        if self.dims.world_size > 1:
+            reduce_gradients(list(self.module.parameters()), self.dims.dp_size)
         if self.grad_clip > 0:
             self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
         self.optimizer.step()
@@ -112,30 +146,83 @@ class PlainEngine:
         self.module.train(mode)
 
     def save(self, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> None:
-        save_plain(ckpt_dir, step, self.module, self.optimizer, self.scheduler, client_state)
+        if self.dims.world_size > 1:
+            dist.barrier()  # every rank's RNG file is on disk before rank 0 names the checkpoint `latest`
+        if self.dims.rank == 0:  # the ranks hold identical weights and optimizer states
+            save_plain(ckpt_dir, step, self.module, self.optimizer, self.scheduler, client_state)
 
     def load(self, ckpt_dir: Path) -> dict[str, Any] | None:
         return load_plain(ckpt_dir, self.module, self.optimizer, self.scheduler)
 
 
+class SequenceParallelMPU:
+    """DeepSpeed's model-parallel unit for data × sequence parallelism, over the groups of a :class:`ParallelDims`.
+
+    The method names are those of ``deepspeed.runtime.sequence_parallel.parallel_state_sp`` (DeepSpeed-Ulysses), the
+    interface DeepSpeed recognises by ``initialize_sequence_parallel``: it then reduces gradients and partitions ZeRO
+    states over ``get_sequence_data_parallel_group()`` (all ranks) and averages by its size / sp_size (see the file
+    header). Like that module, it aliases the model-parallel getters to the sequence-parallel group (DeepSpeed's
+    ZeRO-0 gradient norm counts each gradient on sp rank 0 only). It deliberately has no
+    ``get_data_parallel_world_size``: DeepSpeed's batch-size check then uses world / sp_size.
+    """
+
+    def __init__(self, dims: ParallelDims) -> None:
+        if dims.sp_group is None:
+            raise ValueError("SequenceParallelMPU needs sp_size > 1")
+        self.dims = dims
+        self._seq_dp_group = dist.new_group(list(range(dims.world_size)))  # collective: every rank builds it
+
+    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
+        raise RuntimeError("the groups are built by ParallelDims.build; DeepSpeed only reads them")
+
+    def get_sequence_parallel_group(self):
+        return self.dims.sp_group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.dims.sp_size
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.dims.sp_rank
+
+    def get_sequence_data_parallel_group(self):
+        return self._seq_dp_group
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.dims.world_size
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.dims.rank
+
+    get_model_parallel_group = get_sequence_parallel_group
+    get_model_parallel_world_size = get_sequence_parallel_world_size
+    get_model_parallel_rank = get_sequence_parallel_rank
+
+
 class DeepSpeedEngine:
-    """``deepspeed.initialize`` with the generated config; ``torch.distributed`` must already be initialised."""
+    """``deepspeed.initialize`` with the generated config; ``torch.distributed`` must already be initialised. With
+    ``dims.sp_size > 1`` DeepSpeed gets a :class:`SequenceParallelMPU`."""
 
     name = "deepspeed"
 
     def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, precision: str,
-                 world_size: int) -> None:
+                 dims: ParallelDims) -> None:
         deepspeed = import_deepspeed()
+        from deepspeed.utils import groups
 
-        self.ds_config = build_ds_config(cfg, world_size, device.type)
+        self.ds_config = build_ds_config(cfg, dims.dp_size, device.type)
         if precision != ("bf16" if self.ds_config["bf16"]["enabled"] else "fp32"):
             raise AssertionError(f"precision mismatch: loop {precision}, ds_config {self.ds_config['bf16']}")
         schedule = lr_lambda(cfg)
+        mpu = SequenceParallelMPU(dims) if dims.sp_size > 1 else None
+        # DeepSpeed keeps the last engine's mpu in a module global and only overwrites it when given a new one: clear
+        # it, or an engine without sequence parallelism built after one with it would reuse the stale groups
+        groups.mpu = None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model.to(device),
             model_parameters=param_groups(model, cfg.optim.weight_decay),
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            mpu=mpu,
         )
         install_safe_deepspeed_loader(self.engine)
         self.module = self.engine.module
@@ -147,8 +234,8 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.engine(input_ids)
+    def forward(self, input_ids: torch.Tensor, sp_group: Any = None) -> torch.Tensor:
+        return self.engine(input_ids) if sp_group is None else self.engine(input_ids, sp_group=sp_group)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself

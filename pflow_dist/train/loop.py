@@ -3,8 +3,11 @@
 # ``deepspeed -m pflow_dist.train``, the CPU demo, Ray Train later.
 #
 # Data parallelism: the batch of optimizer step s is a pure function of (seed, s); every rank draws the same global
-# batch and keeps its slice (rank-major, then micro-batch), so N ranks see exactly what one process with the same
-# global batch sees, and resume needs no iterator state: the data position is the step counter.
+# batch and keeps its slice (data-parallel-rank-major, then micro-batch), so N ranks see exactly what one process with
+# the same global batch sees, and resume needs no iterator state: the data position is the step counter.
+# Sequence parallelism (parallel.sp_size > 1): the sp ranks of one data-parallel slot keep the same sequences and cut
+# them along time (contiguous shards, dist/sharding.py); the model runs with their group, the loss is the token mean
+# over the group (FlowLM.loss), and the engines sum gradients over sp and average over dp (engine.py header).
 """``Trainer``: build model, data and engine from a :class:`RunConfig`; train, evaluate, checkpoint, resume."""
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..data.mqar import IGNORE_INDEX, MQARConfig, MQARData
 from ..data.text import TextConfig, TextData
+from ..dist.parallel_dims import ParallelDims
+from ..dist.sharding import shard_sequence
 from ..models.flow_lm import FlowLM
 from .checkpoint import get_rng_state, latest_tag, safe_load, set_rng_state, step_tag
 from .config import RunConfig
@@ -46,8 +52,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_distributed(engine: str) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank). DeepSpeed: join the launcher's group (or a 1-process one); plain: 1 process."""
+def _init_distributed(engine: str, use_cuda: bool) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank). DeepSpeed: join the launcher's group (or a 1-process one); plain: the
+    launcher's group when there is one (``torchrun``: WORLD_SIZE > 1), else one process without torch.distributed."""
     if engine == "deepspeed" and not dist.is_initialized():
         deepspeed = import_deepspeed()
 
@@ -55,15 +62,11 @@ def _init_distributed(engine: str) -> tuple[int, int, int]:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         deepspeed.init_distributed()
+    if engine == "plain" and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")  # env:// from the launcher
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        if engine == "plain" and world > 1:
-            raise ValueError(f"parallel.engine='plain' runs in one process, got a process group of {world} ranks; "
-                             "use parallel.engine=deepspeed")
         return rank, world, int(os.environ.get("LOCAL_RANK", rank))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("WORLD_SIZE > 1 but parallel.engine='plain' runs in one process; "
-                         "use parallel.engine=deepspeed")
     return 0, 1, 0
 
 
@@ -91,8 +94,11 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.rank, self.world, local_rank = _init_distributed(cfg.parallel.engine)
-        if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()):
+        use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        self.rank, self.world, local_rank = _init_distributed(cfg.parallel.engine, use_cuda)
+        self.dims = ParallelDims.build(cfg.parallel.sp_size)
+        self.sp_group = self.dims.sp_group
+        if use_cuda:
             if not torch.cuda.is_available():
                 raise ValueError("train.device='cuda' but no CUDA device is visible")
             self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -106,9 +112,9 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.n_params = model.num_params(non_embedding=False)
         if cfg.parallel.engine == "deepspeed":
-            self.engine = DeepSpeedEngine(model, cfg, self.device, self.precision, self.world)
+            self.engine = DeepSpeedEngine(model, cfg, self.device, self.precision, self.dims)
         else:
-            self.engine = PlainEngine(model, cfg, self.device, self.precision)
+            self.engine = PlainEngine(model, cfg, self.device, self.precision, self.dims)
         self.is_main = self.rank == 0
         self.log = MetricsLog(t.out_dir, enabled=self.is_main)
         self.console = console
@@ -122,8 +128,13 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------------------------
 
     def _rank_slice(self, batch: dict[str, torch.Tensor], per_rank: int) -> dict[str, torch.Tensor]:
-        lo = self.rank * per_rank
-        return {k: v[lo:lo + per_rank].to(self.device, non_blocking=True) for k, v in batch.items()}
+        """This rank's part of a global batch: its data-parallel slot's rows, cut along time to its sequence-parallel
+        shard."""
+        lo = self.dims.dp_rank * per_rank
+        out = {k: v[lo:lo + per_rank] for k, v in batch.items()}
+        if self.sp_group is not None:
+            out = {k: shard_sequence(v, self.sp_group) for k, v in out.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
 
     def _all_mean(self, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -136,13 +147,13 @@ class Trainer:
         """One optimizer step over the global batch of ``self.step``; returns the mean loss over all ranks."""
         t = self.cfg.train
         per_rank = t.micro_batch_size * t.grad_accum
-        batch = self._rank_slice(self.data.batch(self.step, per_rank * self.world, "train"), per_rank)
+        batch = self._rank_slice(self.data.batch(self.step, per_rank * self.dims.dp_size, "train"), per_rank)
         self.engine.train(True)
         total = torch.zeros((), device=self.device)
         for m in range(t.grad_accum):
             sl = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
-            logits = self.engine.forward(batch["input_ids"][sl])
-            loss = FlowLM.loss(logits, batch["labels"][sl])
+            logits = self.engine.forward(batch["input_ids"][sl], self.sp_group)
+            loss = FlowLM.loss(logits, batch["labels"][sl], sp_group=self.sp_group)
             self.engine.backward(loss)
             self.engine.micro_step()
             total += loss.detach()
@@ -154,15 +165,15 @@ class Trainer:
         t = self.cfg.train
         per_rank = t.eval_batch_size or t.micro_batch_size
         self.engine.train(False)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss·n, correct, n
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # Σ loss, correct, n (this rank's tokens)
         for i in range(t.eval_batches):
-            b = self._rank_slice(self.data.batch(i, per_rank * self.world, "eval"), per_rank)
-            logits = self.engine.forward(b["input_ids"])
+            b = self._rank_slice(self.data.batch(i, per_rank * self.dims.dp_size, "eval"), per_rank)
+            logits = self.engine.forward(b["input_ids"], self.sp_group)
             mask = b["labels"] != IGNORE_INDEX
-            n = mask.sum()
-            sums[0] += FlowLM.loss(logits, b["labels"]).double() * n
+            sums[0] += F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum").double()
             sums[1] += (logits.argmax(-1)[mask] == b["labels"][mask]).sum()
-            sums[2] += n
+            sums[2] += mask.sum()
         if self.world > 1:
             dist.all_reduce(sums)
         self.engine.train(True)
@@ -176,7 +187,7 @@ class Trainer:
         ``train.steps``). Returns a summary (last loss, eval metrics, throughput, history)."""
         t = self.cfg.train
         stop = t.steps if until is None else min(int(until), t.steps)
-        tokens_per_step = t.micro_batch_size * t.grad_accum * self.world * self.cfg.data.seq_len
+        tokens_per_step = t.micro_batch_size * t.grad_accum * self.dims.dp_size * self.cfg.data.seq_len
         peak = peak_tflops(self.device, self.precision, t.peak_tflops)
         bar = Progress(t.steps, self.step, enabled=self.is_main and t.progress, console=self.console)
         say = bar.print if bar.enabled else (print if self.is_main else (lambda s: None))
@@ -255,7 +266,7 @@ class Trainer:
         tag_dir.mkdir(parents=True, exist_ok=True)
         # per-rank RNG streams first: `latest` (written last by the engine) then only names complete checkpoints
         torch.save(get_rng_state(), tag_dir / f"rng_rank{self.rank}.pt")
-        client = {"step": self.step, "world_size": self.world, "history": self.history}
+        client = {"step": self.step, "world_size": self.world, "sp_size": self.dims.sp_size, "history": self.history}
         self.engine.save(ckpt, self.step, client)
         if self.world > 1:
             dist.barrier()
@@ -272,6 +283,9 @@ class Trainer:
         if client.get("world_size", self.world) != self.world:
             raise ValueError(f"checkpoint {ckpt / tag} was written by {client['world_size']} ranks, this run has "
                              f"{self.world}: the global batch would change")
+        if client.get("sp_size", 1) != self.dims.sp_size:
+            raise ValueError(f"checkpoint {ckpt / tag} was written with parallel.sp_size={client.get('sp_size', 1)}, "
+                             f"this run has {self.dims.sp_size}: the global batch and the ZeRO shards would change")
         self.step = int(client["step"])
         self.history = client.get("history", self.history)
         rng_file = ckpt / tag / f"rng_rank{self.rank}.pt"

@@ -44,7 +44,7 @@ def test_base_include_and_overrides(tmp_path: Path) -> None:
     ("steps=3", ValueError, "section.key"),
     ("train.steps", ValueError, "section.key=value"),
     ("parallel.zero_stage=4", ValueError, "zero_stage"),
-    ("parallel.sp_size=2", NotImplementedError, "sp_size"),
+    ("parallel.sp_size=0", ValueError, "sp_size"),
     ("model.attn_every=-1", ValueError, "attn_every"),
     ("data.name=wiki", ValueError, "data.name"),
     ("train.progress=3", TypeError, r"train\.progress: expected bool"),
