@@ -2,18 +2,19 @@
 # projection (Perez & Barlaud, arXiv 2405.02086).
 #
 # P(v)_i = sign(v_i) · max(|v_i| − τ, 0), τ = 0 inside the ball, else the root of Σ_i max(|v_i| − τ, 0) = η.
-# Two exact methods, both batched over every dim but ``dim``:
+# Three exact methods, all batched over every dim but ``dim``:
 #   "sort"     τ = max(0, max_k (S_k − η)/k) with S_k the sum of the k largest |v_i| (Condat 2016, eq. of the sort
 #              method; the sequence rises up to the optimal k and falls after it). O(n log n), no host sync: the
 #              GPU default.
 #   "michelot" variable fixing (Michelot 1986, the method Condat's algorithm accelerates): τ₀ = (Σ v − η)/n and
 #              τ ← (Σ_{v>τ} v − η)/#{v>τ}. τ rises monotonically, every step drops at least one entry, and the loop
 #              stops when the active set is stable; then τ is exact. O(n) per step, 3–9 steps observed on
-#              Gaussian/uniform/log-normal data (research/projection.md §1.1). One host sync per step: the CPU
-#              default. Condat's own algorithm is a sequential Gauss-Seidel pass over the entries; in torch its
-#              vectorised core is this fixed point.
+#              Gaussian/uniform/log-normal data (research/projection.md §1.1). One host sync per step. Condat's
+#              own algorithm is a sequential Gauss-Seidel pass over the entries; its vectorised core is this
+#              fixed point.
 #   "pivot"    Condat's scheme vectorised (projection_l1_pivot.py): a sampled pivot and one pass give a lower bound
-#              of τ close to it, then Michelot runs on the few candidates left. O(n) in practice, numpy on the CPU.
+#              of τ close to it, then Michelot runs on the few candidates left. O(n) in practice, numpy on the CPU:
+#              the CPU default above 4096 entries (auto_method has the measurements).
 """Batched ℓ1-ball thresholds and projections (sort, Michelot, sampled pivot), CPU and GPU."""
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def _threshold_michelot(a: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
     n = a.shape[-1]
     eta = eta.expand(a.shape[:-1])
     total = a.sum(-1)
-    tau = ((total - eta) / n).clamp_min(0)
-    inside = total <= eta
+    # rows inside their ball, and η = 0 rows (answered by max v below; iterating would crawl to it one entry at a
+    # time, thousands of passes for the dead groups of a bi-level ℓ1,1 projection), keep τ = 0 in the loop
+    inside = (total <= eta) | (eta == 0)
+    tau = torch.where(inside, 0, (total - eta) / n).clamp_min(0)
     active = a > tau.unsqueeze(-1)
     for _ in range(n + 1):  # each step removes >= 1 entry from some active set, so this bound is never reached
         cnt = active.sum(-1)
@@ -85,7 +88,9 @@ def l1_threshold(v: torch.Tensor, eta: float | torch.Tensor, *, dim: int = -1, m
             Negative entries are not checked (a full pass): pass ``v.abs()`` for signed data.
         eta: radius >= 0: a number or a tensor broadcastable to ``v`` without ``dim`` (one radius per row).
         dim: the dim holding each vector.
-        method: ``"sort"``, ``"michelot"`` or ``"auto"`` (sort on CUDA: no host sync; Michelot on CPU).
+        method: ``"sort"``, ``"michelot"``, ``"pivot"`` (linear time in practice, numpy on the CPU: a CUDA tensor
+            makes a host round trip) or ``"auto"`` (see :func:`auto_method`: sort on CUDA and for at most 4096
+            entries, pivot above).
 
     Returns:
         τ of shape ``v.shape`` without ``dim``, in float32 (float64 for float64 input), >= 0; exactly 0 when
