@@ -1,9 +1,11 @@
 """``python -m pflow_dist.bench NAME [--case C ...] [--out FILE.jsonl]``: the ``pflow-dist bench`` runner with argparse
-only, for GPU images that lack the CLI's dependencies (typer)."""
+only, for GPU images that lack the CLI's dependencies (typer). ``python -m pflow_dist.bench combine ...`` runs the
+multi-process benchmark of the cross-rank combine (:mod:`pflow_dist.bench.combine`, its own options)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -13,6 +15,11 @@ from .report import format_row, print_table
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["combine"]:  # one process group per world size: not a single-process Bench
+        from .combine import main as combine_main
+
+        return combine_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m pflow_dist.bench", description=__doc__)
     p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("--case", action="append", default=[])
