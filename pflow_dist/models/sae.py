@@ -9,7 +9,9 @@
 #   dead columns stay 0 (gradients masked and weights re-zeroed after every step); 4. retrain.
 # Under DeepSpeed with bf16 the optimizer owns fp32 master weights and overwrites the bf16 parameters from them at each
 # step: the projection runs on the fp32 master (safe_get/set_full_fp32_param) and the same values are copied into the
-# bf16 parameter, else the next forward would use unprojected weights and the next step would resurrect them.
+# bf16 parameter, else the next forward would use unprojected weights and the next step would resurrect them. Under
+# ZeRO-3 the ℓ1,∞ projection and the mask run on each rank's partitions with one all-reduce of the column maxima
+# (sae_zero3.py), bitwise the projection of the full matrix; ℓ1/ℓ2 inner norms gather the full master instead.
 """Supervised autoencoder with bi-level ℓ1,∞ feature selection (train, project, mask, retrain), plain or DeepSpeed."""
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..data.omics import OmicsData
 from ..ops.projection import bilevel_project, mixed_norm
+from .sae_zero3 import is_zero3, mask_partitioned_, project_partitioned_
 
 __all__ = ["DeepSpeedStepper", "PlainStepper", "SAEConfig", "SAEResult", "SupervisedAutoencoder", "accuracy",
            "apply_mask_", "compare_projection", "feature_mask", "fit_sae", "get_master_weight",
@@ -124,6 +127,8 @@ def project_first_layer_(model: SupervisedAutoencoder, eta: float | None = None,
     if (eta is None) == (eta_frac is None):
         raise ValueError("give exactly one of eta and eta_frac")
     w = model.first_layer.weight
+    if is_zero3(w) and inner == "linf":  # partitioned: no gather, one all-reduce of the column maxima
+        return project_partitioned_(w, eta, eta_frac=eta_frac, reduce_dim=0)
     master = get_master_weight(w).float()
     if eta is None:
         eta = float(eta_frac) * float(mixed_norm(master, ("l1", inner), ((1,), (0,))))
@@ -135,6 +140,9 @@ def project_first_layer_(model: SupervisedAutoencoder, eta: float | None = None,
 def apply_mask_(model: SupervisedAutoencoder, kept: torch.Tensor) -> None:
     """Zero the first-layer columns of removed features, in the master copy and the parameter."""
     w = model.first_layer.weight
+    if is_zero3(w):
+        mask_partitioned_(w, kept, reduce_dim=0)
+        return
     master = get_master_weight(w)
     set_master_weight_(w, master * kept.to(master.dtype))
 

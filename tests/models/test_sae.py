@@ -1,6 +1,6 @@
 """Supervised autoencoder with bi-level ℓ1,∞ feature selection (arXiv 2407.16293): projection of W1, masked
-retraining, the synthetic omics data, and the same pipeline under DeepSpeed (CPU accelerator, bf16 + ZeRO-1, one
-process) where the fp32 master weights are projected."""
+retraining, the synthetic omics data, and the same pipeline under DeepSpeed (CPU accelerator, bf16; ZeRO-1 in one
+process, ZeRO-3 on two ranks) where the fp32 master weights are projected."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pflow_dist.models.sae import (
     sae_loss,
     train_epochs,
 )
+from pflow_dist.ops.projection import bilevel_project
 from pflow_dist.testing import assert_close, run_distributed
 
 
@@ -104,8 +105,16 @@ def test_masked_retraining_keeps_removed_features_at_zero():
     assert not torch.equal(w[:, kept], before[:, kept])  # the kept features were retrained
 
 
-def _deepspeed_sae(rank: int, world_size: int) -> dict:
-    """One rank: SAE under DeepSpeed (bf16 params, fp32 master, ZeRO-1) on the CPU accelerator."""
+def _full_lp(w: torch.Tensor) -> torch.Tensor:
+    """The full 16-bit parameter (gathered under ZeRO-3; a collective there)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([w]):
+        return w.detach().clone()
+
+
+def _deepspeed_sae(rank: int, world_size: int, stage: int = 1, persistence_threshold: int | None = None) -> dict:
+    """One rank: SAE under DeepSpeed (bf16 params, fp32 master, ZeRO ``stage``) on the CPU accelerator."""
     import os
 
     import deepspeed
@@ -120,7 +129,9 @@ def _deepspeed_sae(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     model = SupervisedAutoencoder(40, 2, cfg.hidden)
     ds_cfg = {"train_micro_batch_size_per_gpu": cfg.batch_size, "bf16": {"enabled": True},
-              "zero_optimization": {"stage": 1}}
+              "zero_optimization": {"stage": stage}}
+    if persistence_threshold is not None:  # ZeRO-3 keeps parameters below this many entries gathered between steps
+        ds_cfg["zero_optimization"]["stage3_param_persistence_threshold"] = persistence_threshold
     stepper = DeepSpeedStepper(model, cfg.lr, ds_cfg)
     gen = torch.Generator().manual_seed(0)
     train_epochs(stepper, data, cfg, cfg.epochs, gen)
@@ -128,25 +139,45 @@ def _deepspeed_sae(rank: int, world_size: int) -> dict:
     master0 = safe_get_full_fp32_param(w).clone()
     kept, eta = project_first_layer_(stepper.module, eta_frac=0.1)
     master1 = get_master_weight(w).clone()
-    lp1 = w.detach().clone()
+    lp1 = _full_lp(w)
     train_epochs(stepper, data, cfg, cfg.retrain_epochs, gen, kept)
     master2 = get_master_weight(w).clone()
     return {"param_dtype": str(w.dtype), "master0": master0, "master1": master1, "lp1": lp1, "master2": master2,
-            "lp2": w.detach().clone(), "kept": kept, "eta": eta,
+            "lp2": _full_lp(w), "kept": kept, "eta": eta, "partitioned": hasattr(w, "ds_id"),
             "acc": accuracy(stepper.module, data.x_test, data.y_test)}
 
 
-@pytest.mark.slow
-@pytest.mark.dist
-def test_deepspeed_projects_fp32_master_weights():
-    out = run_distributed(_deepspeed_sae, 1, timeout_s=300)[0]
+def _check_deepspeed_run(out: dict) -> None:
     assert out["param_dtype"] == "torch.bfloat16" and out["master1"].dtype == torch.float32
     ref = naive_bilevel_project(out["master0"].double(), out["eta"], "linf", (0,))
     assert_close("fp32 master after projection", ref, out["master1"], 1e-6)
     assert torch.equal(out["lp1"], out["master1"].to(torch.bfloat16))  # the bf16 copy follows the master
     kept = out["kept"]
-    assert 0 < int(kept.sum()) < 40
+    assert 0 < int(kept.sum()) < 40 and torch.equal(kept, feature_mask(out["master1"]))
     for name in ("master2", "lp2"):  # masked retraining: removed features stay 0 in both copies
         assert bool((out[name][:, ~kept] == 0).all()), name
     assert not torch.equal(out["master2"][:, kept], out["master1"][:, kept])
     assert out["acc"] > 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_deepspeed_projects_fp32_master_weights():
+    _check_deepspeed_run(run_distributed(_deepspeed_sae, 1, timeout_s=300)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("persistence_threshold", [0, 10**5], ids=["released", "resident"])
+def test_deepspeed_zero3_projects_partitioned_master_like_one_process(persistence_threshold):
+    """ZeRO-3 on 2 ranks: W1 [12, 40] is cut into two flat halves (column groups span both); the projection of the
+    partitions equals, bitwise, the single-process projection of the full fp32 master. W1 (480 entries) is either
+    released between uses or, under the default persistence threshold, kept gathered (its full copy must follow)."""
+    outs = run_distributed(_deepspeed_sae, 2, 3, persistence_threshold, timeout_s=300)
+    for out in outs:
+        assert out["partitioned"]
+        _check_deepspeed_run(out)
+        one_process = bilevel_project(out["master0"], out["eta"], "linf", (0,))
+        assert torch.equal(out["master1"], one_process)
+    a, b = outs
+    assert a["eta"] == b["eta"] and torch.equal(a["kept"], b["kept"]) and torch.equal(a["master2"], b["master2"])
