@@ -15,7 +15,10 @@
 # and divides by its size / sp_size (engine._reduce_non_expert_gradients, stage_1_and_2.py, stage3.py); its batch-size
 # check uses world / sp_size (runtime/config.py); its gradient norm counts each partition once. So DeepSpeed's
 # averaging group is dp only in effect, while ZeRO shards over all ranks (sp ranks hold identical optimizer states,
-# which sharding over them saves). `SequenceParallelMPU` is that interface over our groups.
+# which sharding over them saves). `SequenceParallelMPU` is that interface over our groups. One exception, measured
+# here (tests/train/test_train_sp.py) and seen by others (hamishivi/tmax PR #9): ZeRO-3's default reduce-scatter
+# (stage3.__avg_scatter_grads → reduce_scatter_coalesced) divides by all dp × sp ranks, without the sp factor, so
+# under ZeRO-3 the loss is scaled by sp_size before backward (DeepSpeedEngine.grad_scale).
 """Engines of the training loop: DeepSpeed (``DeepSpeedEngine``) and single-process torch (``PlainEngine``)."""
 
 from __future__ import annotations
@@ -225,6 +228,13 @@ class DeepSpeedEngine:
             mpu=mpu,
         )
         install_safe_deepspeed_loader(self.engine)
+        self.grad_scale = 1.0  # multiplies the loss before backward (not the reported loss), see the file header
+        if dims.sp_size > 1 and cfg.parallel.zero_stage == 3:
+            if getattr(self.engine.optimizer, "reduce_scatter", None) is not True:
+                raise RuntimeError("ZeRO-3 with parallel.sp_size > 1 expects DeepSpeed's reduce-scatter gradient path "
+                                   "(zero_optimization.reduce_scatter=true, the default), whose averaging this engine "
+                                   "compensates")
+            self.grad_scale = float(dims.sp_size)
         self.module = self.engine.module
         self.device = device
         self.bf16 = precision == "bf16"
@@ -238,7 +248,8 @@ class DeepSpeedEngine:
         return self.engine(input_ids) if sp_group is None else self.engine(input_ids, sp_group=sp_group)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        # DeepSpeed scales by 1/gradient_accumulation_steps itself
+        self.engine.backward(loss * self.grad_scale if self.grad_scale != 1.0 else loss)
 
     def micro_step(self) -> None:
         self.engine.step()  # steps the optimizer and the scheduler only at the accumulation boundary
