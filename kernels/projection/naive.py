@@ -33,6 +33,12 @@ __all__ = [
 _F64 = torch.float64
 
 
+def _check_finite(x: torch.Tensor, name: str = "x") -> None:
+    """``ValueError`` on NaN/Inf: Python's ``max``/``sorted`` would silently skip or misplace a NaN here."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite: NaN or Inf found")
+
+
 def naive_l1_threshold(v: torch.Tensor, eta: float) -> float:
     """Threshold τ of the ℓ1-ball projection of the vector ``|v|`` at radius ``eta`` (sort formula; 0 inside the ball).
 
@@ -48,6 +54,7 @@ def naive_l1_threshold(v: torch.Tensor, eta: float) -> float:
         1.0
     """
     eta = check_radius(eta)
+    _check_finite(v, "v")
     a = sorted((abs(float(t)) for t in v.reshape(-1).tolist()), reverse=True)
     best, s = 0.0, 0.0
     for k, ak in enumerate(a, start=1):
@@ -127,6 +134,7 @@ def naive_multilevel_project(
         3.0
     """
     eta = check_radius(eta)
+    _check_finite(x)
     tree = make_tree(x.dim(), norms, blocks)
     y, perm = _as_tree_tensor(x, tree)
     out = _project_node(y, eta, 0, tree.norms)
@@ -156,7 +164,8 @@ def naive_bilevel_project(
 def naive_mixed_norm(x: torch.Tensor, norms: Sequence[object] = ("l1", "linf"), blocks: Sequence[object] | None = None
                      ) -> float:
     """The nested norm of ``x`` for a tree of norms (e.g. ``‖X‖_{1,∞} = Σ_j max_i |x_ij|`` for
-    ``("l1", "linf"), ((1,), (0,))``), in float64."""
+    ``("l1", "linf"), ((1,), (0,))``), in float64. ``ValueError`` on NaN/Inf."""
+    _check_finite(x)
     tree = make_tree(x.dim(), norms, blocks)
     y, _ = _as_tree_tensor(x, tree)
     return _node_norm(y, 0, tree.norms)
@@ -177,6 +186,7 @@ def naive_exact_l1inf_project(
         float64 tensor of ``x``'s shape.
     """
     eta = check_radius(eta)
+    _check_finite(x)
     tree = bilevel_tree(x.dim(), "linf", reduce_dims)
     y, perm = _as_tree_tensor(x, tree)  # [G, n]
     groups = [y[j].abs() for j in range(y.shape[0])]

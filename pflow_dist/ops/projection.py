@@ -252,7 +252,7 @@ def multilevel_project_(x: torch.Tensor, eta: float, norms: Sequence[object] = (
 def mixed_norm(x: torch.Tensor, norms: Sequence[object] = ("l1", "linf"),
                blocks: Sequence[int | Sequence[int]] | None = None) -> torch.Tensor:
     """The nested norm of ``x`` for a tree of norms, as a float64 0-d tensor (e.g. ``‖W‖_{1,∞} = Σ_j max_i |w_ij|``
-    is ``mixed_norm(W, ("l1", "linf"), ((1,), (0,)))``).
+    is ``mixed_norm(W, ("l1", "linf"), ((1,), (0,)))``). ``ValueError`` on NaN/Inf (one host sync).
 
     Example:
         >>> float(mixed_norm(torch.tensor([[3.0, -1.0], [1.0, 0.5]]), ("l1", "linf"), ((1,), (0,))))
@@ -262,7 +262,9 @@ def mixed_norm(x: torch.Tensor, norms: Sequence[object] = ("l1", "linf"),
     tree = make_tree(x.dim(), norms, blocks)
     A = _tree.upward(x.to(torch.float64), tree)
     a0 = A[0] if tree.depth > 1 else x.to(torch.float64)
-    return a0.abs().sum()
+    total = a0.abs().sum()
+    _finite_total(total)  # a NaN/Inf anywhere reaches the total (max and sum propagate it)
+    return total
 
 
 def group_norm(x: torch.Tensor, norm: str = "linf", reduce_dims: int | Sequence[int] = (0,), *,
