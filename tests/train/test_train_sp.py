@@ -5,7 +5,11 @@ uninterrupted run exactly. Layouts that cannot work fail with errors that say wh
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +173,26 @@ def _resume_other_sp_worker(rank: int, world: int, ckpt_dir: str) -> str:
 def test_resume_refuses_other_sp_size(tmp_path: Path) -> None:
     for msg in run_distributed(_resume_other_sp_worker, 2, str(tmp_path)):
         assert "written with parallel.sp_size=2, this run has 1" in msg, msg
+
+
+def test_torchrun_plain_sequence_parallel(tmp_path: Path) -> None:
+    """The documented command: ``torchrun --nproc-per-node 2 -m pflow_dist.train ... parallel.sp_size=2`` (the plain
+    engine joins torchrun's group from the environment) ends at the single process's loss."""
+    args = TINY + ["parallel.engine=plain", "parallel.sp_size=2", "train.steps=2", "train.micro_batch_size=4",
+                   f"train.out_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "pflow_dist.train", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    summaries = [json.loads(line) for line in out.splitlines() if line.startswith('{"step"')]
+    assert len(summaries) == 1, out[-4000:]  # rank 0 prints the summary
+    single = _single_process(["train.steps=2", "train.micro_batch_size=4"])
+    torch.testing.assert_close(summaries[0]["loss"], _losses(single)[-1], rtol=1e-5, atol=0)
+
