@@ -79,6 +79,7 @@ def run_combine_bench(world_sizes: list[int], shape: tuple[int, int, int, int] =
     dev_name = f"{device_name(dev)} ({'nccl' if cuda else 'gloo'}, {os.cpu_count()} cores)"
     rows = []
     for P in world_sizes:
+        load = os.getloadavg()[0]  # other work on the box skews CPU timings: recorded beside them
         per_rank = run_distributed(_worker, P, shape, warmup, rep, cuda, backend="nccl" if cuda else "gloo",
                                    timeout_s=600)
         rounds = math.ceil(math.log2(P))
@@ -91,7 +92,8 @@ def run_combine_bench(world_sizes: list[int], shape: tuple[int, int, int, int] =
                 dtype="float32", shapes={"M": [B, H, K, K], "D": [B, H, K, V]},
                 median_ms=statistics.median(slowest), p20_ms=q[0], p80_ms=q[3], n_rep=rep, peak_mem_bytes=None,
                 versions=versions(), command=command_line(),
-                extra={"world_size": P, "rounds": 1 if algorithm == "allgather" else rounds,
+                extra={"world_size": P, "load_avg_1m_before": round(load, 2),
+                       "rounds": 1 if algorithm == "allgather" else rounds,
                        "bytes_in_per_rank": map_bytes * (P - 1 if algorithm == "allgather" else rounds)},
             ))
     return rows

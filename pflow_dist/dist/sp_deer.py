@@ -117,7 +117,7 @@ class _Shard:
         self.system, self.method, self.scale, self.backend = system, method, scale, backend
         self.group, self.rank, self.world, self.algorithm = group, rank, world, algorithm
         B, T, n = x.shape[0], x.shape[1], system.n
-        self.shapes = (B, T, n)
+        self.shapes, self.device = (B, T, n), x.device
         self.boundary = (None if h0 is None else h0.detach().to(x.dtype)) if rank == 0 else x.new_zeros(B, n)
         system.set_initial_state(self.boundary)
         self.error: BaseException | None = None
@@ -143,8 +143,7 @@ class _Shard:
 
     def agree(self, viol: float, bad: int) -> tuple[float, int]:
         mine = torch.tensor([viol, float(bad), float(self.error is not None)], dtype=torch.float64)
-        dev = self.boundary.device if (self.boundary is not None and dist.get_backend(self.group) == "nccl") \
-            else torch.device("cpu")
+        dev = self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
         table = [torch.empty(3, dtype=torch.float64, device=dev) for _ in range(self.world)]
         dist.all_gather(table, mine.to(dev), group=self.group)
         table = torch.stack(table).cpu()
@@ -212,7 +211,7 @@ def sp_deer(
     max_iter: int = 100,
     damping: float = 0.5,
     backend: str = "auto",
-    algorithm: str = "allgather",
+    algorithm: str = "auto",
     strict: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, DEERInfo]:
     """Sequence-parallel DEER: ``h_t = f(h_{t-1}, x_t)`` over a sequence split in contiguous shards over ``group``.
@@ -232,7 +231,7 @@ def sp_deer(
         group: the sequence-parallel process group (``None``: the default group).
         tol, atol, rtol, max_iter, damping, backend, strict: as in ``deer_rnn`` (the same on every rank; the
             convergence test is over the whole sequence: the max violation over all ranks).
-        algorithm: the cross-rank combine, ``"allgather"`` or ``"doubling"`` (see
+        algorithm: the cross-rank combine, ``"auto"``, ``"allgather"`` or ``"doubling"`` (see
             :func:`~pflow_dist.dist.combine.incoming_state`).
 
     Returns:
@@ -250,8 +249,10 @@ def sp_deer(
 
     Example (on every rank of a 2-process group)::
 
-        >>> gru = torch.nn.GRU(3, 4, batch_first=True)           # same weights on every rank
-        >>> x = shard_sequence(x_full, dim=1, group=None)       # [B, T_p, 3]
+        >>> torch.manual_seed(0)
+        >>> gru = torch.nn.GRU(3, 4, batch_first=True)          # the same weights on every rank
+        >>> x_full = torch.randn(2, 1000, 3)                    # the same full sequence (for the check)
+        >>> x = shard_sequence(x_full, group=None)              # this rank's [2, T_p, 3]
         >>> h, h_end, info = sp_deer(gru, x, group=None)        # h == gru(x_full)[0][:, s_p:e_p]
     """
     system, atol, rtol, be, adj_be, grad, T, rank, world = _setup(

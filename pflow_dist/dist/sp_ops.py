@@ -96,7 +96,7 @@ LocalScan = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.
 
 
 def sp_affine(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None, group: ProcessGroup | None,
-              local_scan: LocalScan, algorithm: str = "allgather") -> tuple[torch.Tensor, torch.Tensor]:
+              local_scan: LocalScan, algorithm: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The sequence-parallel affine scan on top of a local scan ``local_scan(a, b, h0) -> h`` (the differentiable
     scan op for :func:`sp_scan`, the no-autograd ``scan_forward`` for the DEER Newton step).
 
@@ -125,7 +125,7 @@ def sp_scan(
     group: ProcessGroup | None,
     output_final_state: bool = False,
     backend: str = "auto",
-    algorithm: str = "allgather",
+    algorithm: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sequence-parallel affine scan ``h_t = A_t h_{t-1} + b_t`` over the ranks of ``group``.
 
@@ -140,7 +140,8 @@ def sp_scan(
         output_final_state: also return the state at the end of this rank's shard.
         backend: the local scan's backend (``"auto"``, ``"triton"``, ``"torch"``; see
             :func:`~pflow_dist.ops.scan.scan`).
-        algorithm: the cross-rank combine, ``"allgather"`` or ``"doubling"`` (see :func:`incoming_state`).
+        algorithm: the cross-rank combine, ``"auto"``, ``"allgather"`` or ``"doubling"`` (see
+            :func:`~pflow_dist.dist.combine.incoming_state`).
 
     Returns:
         ``(h [B, T_p, N], h_end [B, N] or None)`` in ``b``'s dtype (computed in float32, float64 for float64).

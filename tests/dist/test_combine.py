@@ -129,5 +129,5 @@ def test_incoming_state_errors():
     M = torch.randn(2, 3, 3)
     with pytest.raises(TypeError, match="M and D must share one dtype"):
         incoming_state(M, torch.randn(2, 3, dtype=F64), None)
-    with pytest.raises(ValueError, match=r"algorithm must be one of \('allgather', 'doubling'\), got 'tree'"):
+    with pytest.raises(ValueError, match=r"algorithm must be one of \('auto', 'allgather', 'doubling'\), got 'tree'"):
         incoming_state(M, torch.randn(2, 3), None, algorithm="tree")

@@ -181,7 +181,7 @@ def test_sp_deer_errors_raise_on_every_rank():
     for r in (r0, r1):
         assert "B must be the same on every rank, got [1.0, 2.0]" in r["mismatched_B"]
         assert "n must be the same on every rank, got [5.0, 4.0]" in r["mismatched_n"]
-        assert "algorithm must be one of ('allgather', 'doubling'), got 'ring'" in r["bad_algorithm"]
+        assert "algorithm must be one of ('auto', 'allgather', 'doubling'), got 'ring'" in r["bad_algorithm"]
         assert r["not_converged"].startswith("DEERConvergenceError: DEER (quasi) did not converge in 4 iterations")
         resets, iters, finite, warned = r["resets"]
         assert resets >= 1 and iters == 4 and finite and warned  # all ranks agree on resets; nothing non-finite out
