@@ -16,9 +16,19 @@
 # combine of the maps (M_qᵀ, λ_q) from zero, the same routine. Then dD_p = μ_p, dM_p = μ_p S_in,pᵀ, and ∂L/∂S_0 =
 # λ_0 + M_0ᵀ μ_0 on the first rank, all-reduced so every rank holds it (S_0 is one tensor replicated on all ranks).
 #
-# Which one (measured, benchmarks/results/combine_cpu.jsonl, `python -m pflow_dist.bench.combine`): gloo on this
-# 2-core CPU box, B1 H16 K=V=128 fp32 flow maps (1 MiB M + 1 MiB D per rank), median fwd+bwd per call on the slowest
-# rank: P=2: allgather <AG2> ms vs doubling <DB2> ms; P=4: <AG4> vs <DB4>; P=8: <AG8> vs <DB8>. <VERDICT>
+# Which one (`python -m pflow_dist.bench combine --world 2 4 8 --rep 30`, rows in benchmarks/results/combine_cpu.jsonl):
+# gloo on this 2-core CPU box (one thread per rank, load average 5-8 from other jobs, so P = 8 is 4× oversubscribed),
+# median over 30 calls of the slowest rank, allgather vs doubling, ms:
+#                                    P=2 fwd / fwd+bwd      P=4 fwd / fwd+bwd      P=8 fwd / fwd+bwd
+#   flow maps B1 H16 K=V=128 fp32   6.9 / 22.2 vs 2.4 / 10.2   28.2 / 68.4 vs 20.5 / 52.8   78.4 / 241 vs 42.6 / 126
+#   DEER maps B16 n=32 fp32         0.64 / 2.9 vs 0.40 / 3.4   4.8 / 16.5 vs 1.4 / 15.8     18.2 / 83 vs 12.0 / 50
+# Doubling wins 1.3-2.9× on the flow maps at every P (a repeat run agreed within noise): with all-gather the busiest
+# rank receives P−1 maps and folds P−1 of them (for a matrix state an application costs a K×K·K×V product, as much as
+# a composition), with doubling it receives ceil(log2 P) maps and does ≤ ceil(log2 P) applications plus fewer
+# compositions; on CPU both the copies through loopback and the products are on the critical path. The small DEER
+# maps are a tie within noise in fwd+bwd. So algorithm="auto" picks doubling on gloo. On NCCL the fold is a few µs of
+# GPU time and one collective avoids log2 P dependent point-to-point latencies (fla CP and LASP-2 all-gather), so
+# "auto" keeps allgather there until it is measured (`python -m pflow_dist.bench combine --cuda`).
 """The cross-device prefix combine: each rank's incoming state from the flows of the ranks before (or after) it."""
 
 from __future__ import annotations
