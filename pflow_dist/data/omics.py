@@ -146,7 +146,7 @@ def load_sklearn(name: str, *, test_frac: float = 0.25, seed: int = 0) -> OmicsD
         name: one of :data:`SKLEARN_DATASETS`.
 
     Raises:
-        ImportError: scikit-learn is not installed (it is optional: ``pip install scikit-learn``).
+        ImportError: scikit-learn is not installed (optional: the ``sae`` and ``dev`` extras install it).
         ValueError: unknown name.
     """
     if name not in SKLEARN_DATASETS:
@@ -154,7 +154,8 @@ def load_sklearn(name: str, *, test_frac: float = 0.25, seed: int = 0) -> OmicsD
     try:
         from sklearn import datasets
     except ImportError as e:
-        raise ImportError("load_sklearn needs scikit-learn (optional): pip install scikit-learn") from e
+        raise ImportError("load_sklearn needs scikit-learn, an optional dependency: pip install 'pflow-dist[sae]' "
+                          "(or scikit-learn; the dev extra has it), or use make_omics for synthetic data") from e
     bunch = getattr(datasets, f"load_{name}")()
     x = torch.as_tensor(bunch.data, dtype=torch.float64)
     y = torch.as_tensor(bunch.target, dtype=torch.int64)

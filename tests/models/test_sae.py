@@ -52,6 +52,15 @@ def test_load_sklearn_optional():
         load_sklearn("mnist")
 
 
+def test_sae_on_a_scikit_learn_data_set():
+    pytest.importorskip("sklearn", reason="scikit-learn is in the dev extra; without it load_sklearn raises (above)")
+    data = load_sklearn("breast_cancer", seed=0)  # 569 samples, 30 features, shipped inside the wheel
+    cfg = SAEConfig(hidden=16, epochs=8, retrain_epochs=8, eta_frac=0.1, batch_size=32)
+    dense, proj = fit_sae(data, cfg, project=False), fit_sae(data, cfg, project=True)
+    assert dense.features_kept == 1.0 and 0 < proj.features_kept < 1.0
+    assert dense.accuracy > 0.9 and proj.accuracy > 0.85  # the classes are 63% / 37%
+
+
 def test_project_first_layer_matches_bilevel_reference():
     torch.manual_seed(0)
     m = SupervisedAutoencoder(23, 3, hidden=9)
