@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["all_gather_stack", "group_rank_size", "replicated", "token_mean"]
+__all__ = ["all_gather_stack", "global_rank", "group_rank_size", "replicated", "send_recv", "token_mean"]
 
 
 def group_rank_size(group: ProcessGroup | None) -> tuple[int, int]:
