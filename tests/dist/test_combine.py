@@ -1,7 +1,8 @@
 """The cross-rank combine (pflow_dist.dist.combine.incoming_state) on 2, 3 and 4 real gloo processes: the all-gather and
 the recursive-doubling algorithms, forward (prefix) and reverse (suffix), equal the single-process fold of all ranks'
 maps, value and every gradient (M, D of the own rank; S_0 summed over the group), for dense maps on vector and matrix
-states, diagonal maps, with and without S_0, float64 within 1e-12 and float32 within 1e-6 relative RMS. sp_scan with
+states, diagonal maps, with and without S_0, on the world group and on a subgroup of ranks 1-3, float64 within 1e-12
+and float32 within 1e-6 relative RMS. sp_scan with
 the Triton scan (interpreter) and the doubling combine equals the sequential scan.
 
 Every rank builds all ranks' maps from one seed, computes the reference by autograd through a plain loop, runs the
@@ -60,7 +61,8 @@ def _reference(Ms, Ds, S0, ups, diagonal, reverse):
     return [outs[p].detach() for p in range(world)], grads
 
 
-def _combine_errors(rank, world):
+def _combine_errors(rank, world, group):
+    """``rank`` and ``world`` inside ``group``."""
     errors = {}
     for i, (name, m_shape, d_shape, diagonal, with_s0, dtype) in enumerate(CASES):
         Ms, Ds, S0, ups = _maps(world, m_shape, d_shape, diagonal, dtype, seed=i)
@@ -70,7 +72,7 @@ def _combine_errors(rank, world):
             for algorithm in ("allgather", "doubling"):
                 M, D = Ms[rank].clone().requires_grad_(True), Ds[rank].clone().requires_grad_(True)
                 s0 = None if S0 is None else S0.clone().requires_grad_(True)
-                S = incoming_state(M, D, s0, dist.group.WORLD, diagonal, reverse=reverse, algorithm=algorithm)
+                S = incoming_state(M, D, s0, group, diagonal, reverse=reverse, algorithm=algorithm)
                 grads = torch.autograd.grad((S.double() * ups[rank]).sum(), [M, D] + ([s0] if s0 is not None else []),
                                             allow_unused=True)
                 key = f"{name}/{'reverse' if reverse else 'forward'}/{algorithm}"
@@ -110,13 +112,19 @@ def _sp_scan_errors(rank, world):
 
 
 def _worker(rank, world, with_scan):
-    return _combine_errors(rank, world), (_sp_scan_errors(rank, world) if with_scan else {})
+    combine = _combine_errors(rank, world, dist.group.WORLD)
+    if world == 4:  # a subgroup whose ranks are not the global ones: point-to-point must address global ranks
+        sub = dist.new_group([1, 2, 3])
+        if rank > 0:
+            combine.update({f"subgroup/{k}": v for k, v in _combine_errors(rank - 1, 3, sub).items()})
+    return combine, (_sp_scan_errors(rank, world) if with_scan else {})
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_doubling_and_allgather_equal_the_single_process_fold(world):
     # sp_scan through the Triton interpreter costs seconds per rank: checked on 3 ranks (uneven shards) only
     for rank, (combine, scan) in enumerate(run_distributed(_worker, world, world == 3, timeout_s=240)):
+        assert (world == 4 and rank > 0) == any(k.startswith("subgroup/") for k in combine)
         for key, (err, dtype) in combine.items():
             tol = 1e-12 if dtype == F64 else 1e-6
             bad = {k: v for k, v in err.items() if not v < tol}
