@@ -16,19 +16,20 @@
 # combine of the maps (M_qᵀ, λ_q) from zero, the same routine. Then dD_p = μ_p, dM_p = μ_p S_in,pᵀ, and ∂L/∂S_0 =
 # λ_0 + M_0ᵀ μ_0 on the first rank, all-reduced so every rank holds it (S_0 is one tensor replicated on all ranks).
 #
-# Which one (`python -m pflow_dist.bench combine --world 2 4 8 --rep 30`, rows in benchmarks/results/combine_cpu.jsonl):
-# gloo on this 2-core CPU box (one thread per rank, load average 5-8 from other jobs, so P = 8 is 4× oversubscribed),
-# median over 30 calls of the slowest rank, allgather vs doubling, ms:
-#                                    P=2 fwd / fwd+bwd      P=4 fwd / fwd+bwd      P=8 fwd / fwd+bwd
-#   flow maps B1 H16 K=V=128 fp32   6.9 / 22.2 vs 2.4 / 10.2   28.2 / 68.4 vs 20.5 / 52.8   78.4 / 241 vs 42.6 / 126
-#   DEER maps B16 n=32 fp32         0.64 / 2.9 vs 0.40 / 3.4   4.8 / 16.5 vs 1.4 / 15.8     18.2 / 83 vs 12.0 / 50
-# Doubling wins 1.3-2.9× on the flow maps at every P (a repeat run agreed within noise): with all-gather the busiest
-# rank receives P−1 maps and folds P−1 of them (for a matrix state an application costs a K×K·K×V product, as much as
-# a composition), with doubling it receives ceil(log2 P) maps and does ≤ ceil(log2 P) applications plus fewer
-# compositions; on CPU both the copies through loopback and the products are on the critical path. The small DEER
-# maps are a tie within noise in fwd+bwd. So algorithm="auto" picks doubling on gloo. On NCCL the fold is a few µs of
-# GPU time and one collective avoids log2 P dependent point-to-point latencies (fla CP and LASP-2 all-gather), so
-# "auto" keeps allgather there until it is measured (`python -m pflow_dist.bench combine --cuda`).
+# Which one (`python -m pflow_dist.bench combine --world 2 4 8 --rep 30 [--shape 16 1 32 1]`, rows in
+# benchmarks/results/combine_cpu.jsonl): gloo on this 2-core CPU box (one thread per rank, so P = 8 is 4×
+# oversubscribed; load average 1.7-3.5 before each world size), median over 30 calls of the slowest rank, ms,
+# allgather vs doubling:
+#                                 P=2 fwd / fwd+bwd          P=4 fwd / fwd+bwd           P=8 fwd / fwd+bwd
+#   flow B1 H16 K=V=128 fp32    5.7 / 19.4 vs 2.5 / 10.8   20.8 / 55.7 vs 12.4 / 36.9   67.0 / 163 vs 37.7 / 117
+#   DEER B16 n=32 fp32          0.60 / 2.3 vs 0.35 / 1.5   3.8 / 12.0 vs 1.4 / 11.6     13.9 / 57 vs 8.3 / 38
+# Doubling wins at every P: 1.4-2.3× on the flow maps, up to 2.6× on the small DEER maps (fwd+bwd 1.0-1.5×); an
+# earlier run under load 5-8 ranked them the same. With the all-gather the busiest rank receives P−1 maps and folds
+# P−1 of them (for a matrix state an application costs a K×K·K×V product, as much as a composition); with doubling it
+# receives ceil(log2 P) maps and does ≤ ceil(log2 P) applications and fewer compositions, and on CPU both the copies
+# through loopback and the products lie on the critical path. So algorithm="auto" picks doubling on gloo. On NCCL the
+# fold is a few µs of GPU time and one collective avoids log2 P dependent point-to-point latencies (fla CP and LASP-2
+# all-gather), so "auto" keeps allgather there until it is measured (`python -m pflow_dist.bench combine --cuda`).
 """The cross-device prefix combine: each rank's incoming state from the flows of the ranks before (or after) it."""
 
 from __future__ import annotations
