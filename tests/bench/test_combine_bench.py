@@ -21,7 +21,7 @@ def test_module_entry_writes_rows(tmp_path):
         assert r["bench"] == "combine" and r["case"] == "P2-B1-H2-K4-V3" and r["status"] == "ok"
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["n_rep"] == 2
         assert r["extra"]["world_size"] == 2 and r["extra"]["bytes_in_per_rank"] == 4 * 2 * 4 * (4 + 3)
-        assert r["command"].startswith("python") and "combine" in r["command"]
+        assert isinstance(r["command"], str) and r["command"]  # the running process: pytest or its xdist worker
 
 
 def test_world_sizes_are_validated():
