@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .shapes import INF_WINDOW
-from .window_bwd import window_sparse_attn_bwd_dkdv_kernel
+from .window_bwd import window_sparse_attn_bwd_delta_kernel, window_sparse_attn_bwd_dkdv_kernel
 from .window_fwd import window_sparse_attn_bwd_dq_kernel, window_sparse_attn_fwd_kernel
 
 __all__ = ["INF_WINDOW", "TRITON_DTYPES", "window_attn_bwd", "window_attn_fwd"]
@@ -40,14 +40,67 @@ def _dot_dtype(dtype: torch.dtype):
     return _TL[dtype]
 
 
-def _blocks(D: int, Dv: int) -> dict[str, int]:
-    bd = max(16, triton.next_power_of_2(D))
-    bdv = max(16, triton.next_power_of_2(Dv))
+# GPU tile candidates (BLOCK_M query rows, BLOCK_N keys, warps, pipeline stages), tried once per (head dims, window,
+# variant, dtype) by triton.autotune on the first call. Larger query tiles in the forward/dQ passes and larger key
+# tiles in the dK/dV pass cut the re-reads of the band (a tile re-reads W + BLOCK rows of the other side); which size
+# wins depends on D and on register pressure, so it is measured, not guessed (benchmarks/results/attention_*.jsonl).
+_CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default the sm_90 compile test builds
+    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 2)],
+}
+
+
+def _tuned(kernel, kind: str, key: list[str]):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bm, bn, w, st in _CANDIDATES[kind]]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+_TUNED = {
+    "fwd": _tuned(window_sparse_attn_fwd_kernel, "fwd", ["D", "DV", "GATHERED", "HAS_GLOBAL"]),
+    "dq": _tuned(window_sparse_attn_bwd_dq_kernel, "dq", ["D", "DV", "GATHERED", "HAS_GLOBAL"]),
+    "dkdv": _tuned(window_sparse_attn_bwd_dkdv_kernel, "dkdv", ["D", "DVD", "GATHERED", "FAR"]),
+}
+_RAW = {"fwd": window_sparse_attn_fwd_kernel, "dq": window_sparse_attn_bwd_dq_kernel,
+        "dkdv": window_sparse_attn_bwd_dkdv_kernel}
+
+
+def _launch(kind: str, grid_rows: int, grid_rest: tuple[int, int], *args, **kw) -> None:
+    """Launch one kernel over ``cdiv(grid_rows, tile) × grid_rest``: fixed small tiles under the interpreter, the
+    autotuned GPU tiles otherwise (the tiled axis is BLOCK_M for fwd/dQ, BLOCK_N for dK/dV)."""
+    axis = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    d, dv = kw.pop("D"), kw.pop("DV")
+    bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    kw[("DVD" if kind == "dkdv" else "DV")] = dv
+    kw.update(D=d, EVEN=bd == d and bdv == dv)
     if _interpreting():  # the interpreter runs every lane in numpy: the smallest legal tiles are the fastest
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd, BLOCK_DV=bdv)
-    big = max(bd, bdv) > 64
-    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=4,
-                num_stages=2)
+        _RAW[kind][(triton.cdiv(grid_rows, 16), *grid_rest)](*args, **kw, BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd,
+                                                              BLOCK_DV=bdv)
+        return
+    if os.environ.get("PFLOW_DIST_AUTOTUNE", "1") == "0":  # the first candidate only (e.g. quick GPU test runs)
+        bm, bn, warps, stages = _CANDIDATES[kind][0]
+        _RAW[kind][(triton.cdiv(grid_rows, bm if axis == "BLOCK_M" else bn), *grid_rest)](
+            *args, **kw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps, num_stages=stages)
+        return
+    _TUNED[kind][lambda meta: (triton.cdiv(grid_rows, meta[axis]), *grid_rest)](*args, **kw, BLOCK_D=bd,
+                                                                               BLOCK_DV=bdv)
+
+
+def _delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """``δ = Σ_d dO ⊙ O − ∂L/∂lse`` as [B, Tq, H] float32, by one fused pass over ``o`` and ``do`` [B, Tq, H, Dv]."""
+    o, do = o.contiguous(), do.contiguous()
+    dv = o.shape[-1]
+    n_rows = o.numel() // max(dv, 1)
+    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+    if n_rows == 0:
+        return delta
+    block_dv = max(16, triton.next_power_of_2(dv))
+    block_r = 16 if _interpreting() else max(1, min(128, 8192 // block_dv))
+    dl = dlse.contiguous() if dlse is not None else delta
+    window_sparse_attn_bwd_delta_kernel[(triton.cdiv(n_rows, block_r),)](
+        o, do, dl, delta, n_rows, dv, HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv)
+    return delta
 
 
 def _prec(dtype: torch.dtype) -> str | None:
@@ -95,14 +148,13 @@ def window_attn_fwd(
     S, split_len = _splits(q_pos, Tk, has_g)
     o = torch.empty(S, B, Tq, H, Dv, dtype=q.dtype if S == 1 else torch.float32, device=q.device)
     lse = torch.empty(S, B, Tq, H, dtype=torch.float32, device=q.device)
-    cfg = _blocks(D, Dv)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H, S)
-    window_sparse_attn_fwd_kernel[grid](
+    _launch(
+        "fwd", Tq, (B * H, S),
         q, k, v, kg_, vg_, _pos(g_pos if has_g else None, q.device), _pos(q_pos, q.device), o, lse,
         *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(o[0]), o.stride(0),
         Tq, Tk, kg_.shape[1] if has_g else 0, H, H // Hkv, q_start, k_start, min(window, INF_WINDOW),
-        scale * 1.4426950408889634, D, Dv, split_len,
-        GATHERED=q_pos is not None, HAS_GLOBAL=has_g, PREC=_prec(q.dtype), DT=_dot_dtype(q.dtype), **cfg,
+        scale * 1.4426950408889634, split_len,
+        D=D, DV=Dv, GATHERED=q_pos is not None, HAS_GLOBAL=has_g, PREC=_prec(q.dtype), DT=_dot_dtype(q.dtype),
     )
     if S == 1:
         return o[0], lse[0]
@@ -150,26 +202,22 @@ def window_attn_bwd(
     has_g = kg is not None and kg.shape[1] > 0
     kg_ = kg.contiguous() if has_g else k
     vg_ = vg.contiguous() if has_g else v
-    delta = (do.float() * o.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = _delta(o, do, dlse)
     lse = lse.contiguous()
     window = min(window, INF_WINDOW)
     qk_scale = scale * 1.4426950408889634
     qpos, gpos = _pos(q_pos, q.device), _pos(g_pos if has_g else None, q.device)
-    cfg = _blocks(D, Dv)
     prec = _prec(q.dtype)
     gathered = q_pos is not None
 
     S, split_len = _splits(q_pos, Tk, has_g)
     dq = torch.empty((S, *q.shape), dtype=q.dtype if S == 1 else torch.float32, device=q.device)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H, S)
-    window_sparse_attn_bwd_dq_kernel[grid](
+    _launch(
+        "dq", Tq, (B * H, S),
         q, k, v, kg_, vg_, gpos, qpos, do, lse, delta, dq,
         *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(do), dq.stride(0),
-        Tq, Tk, kg_.shape[1] if has_g else 0, H, H // Hkv, q_start, k_start, window, qk_scale, scale, D, Dv,
-        split_len, GATHERED=gathered, HAS_GLOBAL=has_g, PREC=prec, DT=_dot_dtype(q.dtype), **cfg,
+        Tq, Tk, kg_.shape[1] if has_g else 0, H, H // Hkv, q_start, k_start, window, qk_scale, scale, split_len,
+        D=D, DV=Dv, GATHERED=gathered, HAS_GLOBAL=has_g, PREC=prec, DT=_dot_dtype(q.dtype),
     )
     dq = dq[0] if S == 1 else dq.sum(0).to(q.dtype)
 
@@ -178,12 +226,12 @@ def window_attn_bwd(
         dtype = kk.dtype if S == 1 else torch.float32
         dk = torch.empty((S, *kk.shape), dtype=dtype, device=kk.device)
         dv = torch.empty((S, *vv.shape), dtype=dtype, device=kk.device)
-        grid = (triton.cdiv(kk.shape[1], cfg["BLOCK_N"]), B * Hkv, S)
-        window_sparse_attn_bwd_dkdv_kernel[grid](
+        _launch(
+            "dkdv", kk.shape[1], (B * Hkv, S),
             q, kk, vv, qpos, kpos, do, lse, delta, dk, dv,
             *_s3(q), *_s3(kk), *_s3(vv), *_s3(do), dk.stride(0), dv.stride(0),
-            Tq, kk.shape[1], H, Hkv, H // Hkv, q_start, k_start, window, qk_scale, scale, D, Dv, split_len,
-            GATHERED=gathered, FAR=far, PREC=prec, DT=_dot_dtype(q.dtype), **cfg,
+            Tq, kk.shape[1], H, Hkv, H // Hkv, q_start, k_start, window, qk_scale, scale, split_len,
+            D=D, DV=Dv, GATHERED=gathered, FAR=far, PREC=prec, DT=_dot_dtype(q.dtype),
         )
         if S == 1:
             return dk[0], dv[0]

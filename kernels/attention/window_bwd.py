@@ -20,9 +20,27 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .window_fwd import _load_rows, _query_rows
+from .window_fwd import _band, _load_rows, _query_rows
 
-__all__ = ["window_sparse_attn_bwd_dkdv_kernel"]
+__all__ = ["window_sparse_attn_bwd_delta_kernel", "window_sparse_attn_bwd_dkdv_kernel"]
+
+
+@triton.jit
+def window_sparse_attn_bwd_delta_kernel(O, DO, DLSE, DELTA, n_rows, DVD, HAS_DLSE: tl.constexpr,
+                                        BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """δ_r = Σ_d dO[r, d] · O[r, d] − ∂L/∂lse_r over the rows r of contiguous [rows, DVD] tensors, fp32 accumulation
+    in registers: one read of O and dO, none of the fp32 [B, T, H, Dv] copies a torch expression would allocate."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_DV)
+    ok = r < n_rows
+    m = ok[:, None] & (d < DVD)[None, :]
+    off = r[:, None] * DVD + d[None, :]
+    o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + r, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, delta, mask=ok)
 
 
 @triton.jit
@@ -42,11 +60,41 @@ def _key_rows(KPOS, k_start, n0, Tk, BLOCK_N: tl.constexpr, FAR: tl.constexpr):
 
 
 @triton.jit
+def _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq, q_start, sqt, sdot,
+               window, qk_scale, offs_d, offs_dv, D, DVD, GATHERED: tl.constexpr,
+               FAR: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """Add one block of BLOCK_M query rows (from ``i0``) to this key tile's dK, dV."""
+    i, row_ok, t, _, _ = _query_rows(QPOS, q_start, i0, Tq, BLOCK_M, GATHERED)
+    row_ok = row_ok & (i < i_hi)
+    q = _load_rows(q_base, i, row_ok, sqt, offs_d, D, DT, EVEN)
+    do = _load_rows(do_base, i, row_ok, sdot, offs_dv, DVD, DT, EVEN)
+    row_off = (b64 * Tq + i) * H + h
+    lse = tl.load(LSE + row_off, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)
+    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+    pT = tl.exp2(sT - lse2[None, :])
+    if MASK:
+        diff = t[None, :] - s[:, None]  # [BLOCK_N, BLOCK_M]
+        if FAR:
+            allowed = diff >= window
+        else:
+            allowed = (diff >= 0) & (diff < window)
+        pT = tl.where(allowed & k_ok[:, None] & row_ok[None, :], pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
 def window_sparse_attn_bwd_dkdv_kernel(
     Q, K, V, QPOS, KPOS, DO, LSE, DELTA, DK, DV,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdk_split, sdv_split,
-    Tq, Tk, H, HKV, REP, q_start, k_start, window, qk_scale, scale, D, DVD, split_len,
-    GATHERED: tl.constexpr, FAR: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+    Tq, Tk, H, HKV, REP, q_start, k_start, window, qk_scale, scale, split_len, D, DVD,
+    GATHERED: tl.constexpr, FAR: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -57,8 +105,8 @@ def window_sparse_attn_bwd_dkdv_kernel(
     j, k_ok, s, s_lo, s_hi = _key_rows(KPOS, k_start, pid_n * BLOCK_N, Tk, BLOCK_N, FAR)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K + b64 * skb + hk * skh, j, k_ok, skt, offs_d, D, DT)
-    v = _load_rows(V + b64 * svb + hk * svh, j, k_ok, svt, offs_dv, DVD, DT)
+    k = _load_rows(K + b64 * skb + hk * skh, j, k_ok, skt, offs_d, D, DT, EVEN)
+    v = _load_rows(V + b64 * svb + hk * svh, j, k_ok, svt, offs_dv, DVD, DT, EVEN)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -74,31 +122,28 @@ def window_sparse_attn_bwd_dkdv_kernel(
     pid_s = tl.program_id(2)  # query split: global keys are read by O(T) queries, split them over programs
     i_lo = tl.maximum(i_lo, pid_s * split_len)
     i_hi = tl.minimum(i_hi, (pid_s + 1) * split_len)
+    # query blocks that read every key of the tile (window keys, contiguous queries) skip the mask
+    if GATHERED or FAR:
+        mid_lo = i_hi
+        mid_hi = i_hi
+    else:
+        mid_lo, mid_hi = _band(i_lo, i_hi, s_hi - q_start, s_lo + window - q_start, BLOCK_M)
     for r in range(0, REP):
         h = hk * REP + r
         q_base = Q + b64 * sqb + h * sqh
         do_base = DO + b64 * sdob + h * sdoh
-        for i0 in range(i_lo, i_hi, BLOCK_M):
-            i, row_ok, t, _, _ = _query_rows(QPOS, q_start, i0, Tq, BLOCK_M, GATHERED)
-            row_ok = row_ok & (i < i_hi)
-            q = _load_rows(q_base, i, row_ok, sqt, offs_d, D, DT)
-            do = _load_rows(do_base, i, row_ok, sdot, offs_dv, DVD, DT)
-            row_off = (b64 * Tq + i) * H + h
-            lse = tl.load(LSE + row_off, mask=row_ok, other=0.0)
-            lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)
-            delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
-            diff = t[None, :] - s[:, None]  # [BLOCK_N, BLOCK_M]
-            if FAR:
-                allowed = diff >= window
-            else:
-                allowed = (diff >= 0) & (diff < window)
-            allowed = allowed & k_ok[:, None] & row_ok[None, :]
-            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-            pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+        for i0 in range(i_lo, mid_lo, BLOCK_M):
+            dk, dv = _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
+                                q_start, sqt, sdot, window, qk_scale, offs_d, offs_dv, D, DVD, GATHERED, FAR, True,
+                                PREC, DT, EVEN, BLOCK_M)
+        for i0 in range(mid_lo, mid_hi, BLOCK_M):
+            dk, dv = _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
+                                q_start, sqt, sdot, window, qk_scale, offs_d, offs_dv, D, DVD, GATHERED, FAR, False,
+                                PREC, DT, EVEN, BLOCK_M)
+        for i0 in range(mid_hi, i_hi, BLOCK_M):
+            dk, dv = _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
+                                q_start, sqt, sdot, window, qk_scale, offs_d, offs_dv, D, DVD, GATHERED, FAR, True,
+                                PREC, DT, EVEN, BLOCK_M)
 
     s64 = pid_s.to(tl.int64)
     dk_ptr = DK + s64 * sdk_split + b64 * skb + hk * skh + j.to(tl.int64)[:, None] * skt + offs_d[None, :]

@@ -43,16 +43,40 @@ def _query_rows(QPOS, q_start, m0, Tq, BLOCK_M: tl.constexpr, GATHERED: tl.const
 
 
 @triton.jit
-def _load_rows(ptr, rows, ok, stride_t, offs, n, DT: tl.constexpr):
-    x = tl.load(ptr + rows.to(tl.int64)[:, None] * stride_t + offs[None, :], mask=ok[:, None] & (offs < n)[None, :],
-                other=0.0)
+def _load_rows(ptr, rows, ok, stride_t, offs, n, DT: tl.constexpr, EVEN: tl.constexpr):
+    """Rows ``rows`` (valid where ``ok``) of a [T, n] head slice as DT; EVEN: the tile is exactly n wide (no column
+    mask, so the loads stay fully vectorised)."""
+    if EVEN:
+        mask = ok[:, None]
+    else:
+        mask = ok[:, None] & (offs < n)[None, :]
+    x = tl.load(ptr + rows.to(tl.int64)[:, None] * stride_t + offs[None, :], mask=mask, other=0.0)
     return x.to(DT)
 
 
 @triton.jit
-def _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+def _band(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Blocks start at ``lo, lo + BLOCK, ...`` below ``hi``; return ``[mid_lo, mid_hi)``, the run of those starts whose
+    whole block lies in ``[full_lo, full_hi)``: the blocks every row of the tile may read, which skip the mask."""
+    n_skip = tl.maximum(tl.cdiv(full_lo - lo, BLOCK), 0)
+    mid_lo = tl.minimum(lo + n_skip * BLOCK, hi)
+    mid_hi = mid_lo + tl.maximum((tl.minimum(full_hi, hi) - mid_lo) // BLOCK, 0) * BLOCK
+    return mid_lo, mid_hi
+
+
+@triton.jit
+def _window_keys(t, k_start, j0, j_hi, row_ok, window, BLOCK_N: tl.constexpr):
+    j = j0 + tl.arange(0, BLOCK_N)
+    k_ok = j < j_hi
+    diff = t[:, None] - (k_start + j)[None, :]
+    return j, k_ok, (diff >= 0) & (diff < window) & k_ok[None, :] & row_ok[:, None]
+
+
+@triton.jit
+def _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    s = tl.where(allowed, s, float("-inf"))
+    if MASK:
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -65,8 +89,8 @@ def _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 def window_sparse_attn_fwd_kernel(
     Q, K, V, KG, VG, GPOS, QPOS, O, LSE,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sob, sot, soh, so_split,
-    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, D, DV, split_len,
-    GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, split_len, D, DV,
+    GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -78,7 +102,7 @@ def window_sparse_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     b64 = b.to(tl.int64)
-    q = _load_rows(Q + b64 * sqb + h * sqh, i, row_ok, sqt, offs_d, D, DT)
+    q = _load_rows(Q + b64 * sqb + h * sqh, i, row_ok, sqt, offs_d, D, DT, EVEN)
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -88,14 +112,23 @@ def window_sparse_attn_fwd_kernel(
     pid_s = tl.program_id(2)  # key split (flash-decoding style, for the few long global rows); 0 of 1 otherwise
     j_lo = tl.maximum(tl.maximum(t_lo - window + 1 - k_start, 0), pid_s * split_len)
     j_hi = tl.minimum(tl.minimum(t_hi + 1 - k_start, Tk), (pid_s + 1) * split_len)
-    for j0 in range(j_lo, j_hi, BLOCK_N):
+    # key blocks every row reads (causal for the first row, inside the window of the last) skip the mask
+    mid_lo, mid_hi = _band(j_lo, j_hi, t_hi - window + 1 - k_start, t_lo + 1 - k_start, BLOCK_N)
+    for j0 in range(j_lo, mid_lo, BLOCK_N):
+        j, k_ok, allowed = _window_keys(t, k_start, j0, j_hi, row_ok, window, BLOCK_N)
+        k = _load_rows(k_base, j, k_ok, skt, offs_d, D, DT, EVEN)
+        v = _load_rows(v_base, j, k_ok, svt, offs_dv, DV, DT, EVEN)
+        m_i, l_i, acc = _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC, True)
+    for j0 in range(mid_lo, mid_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        k_ok = j < j_hi
-        k = _load_rows(k_base, j, k_ok, skt, offs_d, D, DT)
-        v = _load_rows(v_base, j, k_ok, svt, offs_dv, DV, DT)
-        diff = t[:, None] - (k_start + j)[None, :]
-        allowed = (diff >= 0) & (diff < window) & k_ok[None, :] & row_ok[:, None]
-        m_i, l_i, acc = _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC)
+        k = _load_rows(k_base, j, j < j_hi, skt, offs_d, D, DT, EVEN)
+        v = _load_rows(v_base, j, j < j_hi, svt, offs_dv, DV, DT, EVEN)
+        m_i, l_i, acc = _fwd_step(q, k, v, row_ok, m_i, l_i, acc, qk_scale, PREC, False)
+    for j0 in range(mid_hi, j_hi, BLOCK_N):
+        j, k_ok, allowed = _window_keys(t, k_start, j0, j_hi, row_ok, window, BLOCK_N)
+        k = _load_rows(k_base, j, k_ok, skt, offs_d, D, DT, EVEN)
+        v = _load_rows(v_base, j, k_ok, svt, offs_dv, DV, DT, EVEN)
+        m_i, l_i, acc = _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC, True)
     if HAS_GLOBAL:
         kg_base = KG + b64 * sgkb + hk * sgkh
         vg_base = VG + b64 * sgvb + hk * sgvh
@@ -103,10 +136,10 @@ def window_sparse_attn_fwd_kernel(
             gi = g0 + tl.arange(0, BLOCK_N)
             g_ok = gi < NG
             gp = tl.load(GPOS + gi, mask=g_ok, other=0)
-            k = _load_rows(kg_base, gi, g_ok, sgkt, offs_d, D, DT)
-            v = _load_rows(vg_base, gi, g_ok, sgvt, offs_dv, DV, DT)
+            k = _load_rows(kg_base, gi, g_ok, sgkt, offs_d, D, DT, EVEN)
+            v = _load_rows(vg_base, gi, g_ok, sgvt, offs_dv, DV, DT, EVEN)
             allowed = ((t[:, None] - gp[None, :]) >= window) & g_ok[None, :] & row_ok[:, None]
-            m_i, l_i, acc = _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC)
+            m_i, l_i, acc = _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC, True)
 
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
@@ -120,9 +153,11 @@ def window_sparse_attn_fwd_kernel(
 
 
 @triton.jit
-def _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC: tl.constexpr):
+def _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+    p = tl.exp2(s - lse2[:, None])
+    if MASK:
+        p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -132,8 +167,8 @@ def _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC: tl.constexpr
 def window_sparse_attn_bwd_dq_kernel(
     Q, K, V, KG, VG, GPOS, QPOS, DO, LSE, DELTA, DQ,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sdob, sdot, sdoh, sdq_split,
-    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, scale, D, DV, split_len,
-    GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+    Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, scale, split_len, D, DV,
+    GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -145,8 +180,8 @@ def window_sparse_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     b64 = b.to(tl.int64)
-    q = _load_rows(Q + b64 * sqb + h * sqh, i, row_ok, sqt, offs_d, D, DT)
-    do = _load_rows(DO + b64 * sdob + h * sdoh, i, row_ok, sdot, offs_dv, DV, DT)
+    q = _load_rows(Q + b64 * sqb + h * sqh, i, row_ok, sqt, offs_d, D, DT, EVEN)
+    do = _load_rows(DO + b64 * sdob + h * sdoh, i, row_ok, sdot, offs_dv, DV, DT, EVEN)
     row_off = (b64 * Tq + i) * H + h
     lse = tl.load(LSE + row_off, mask=row_ok, other=0.0)
     lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)  # empty rows: nothing is allowed anyway
@@ -158,14 +193,22 @@ def window_sparse_attn_bwd_dq_kernel(
     pid_s = tl.program_id(2)  # key split (flash-decoding style, for the few long global rows); 0 of 1 otherwise
     j_lo = tl.maximum(tl.maximum(t_lo - window + 1 - k_start, 0), pid_s * split_len)
     j_hi = tl.minimum(tl.minimum(t_hi + 1 - k_start, Tk), (pid_s + 1) * split_len)
-    for j0 in range(j_lo, j_hi, BLOCK_N):
+    mid_lo, mid_hi = _band(j_lo, j_hi, t_hi - window + 1 - k_start, t_lo + 1 - k_start, BLOCK_N)  # as forward
+    for j0 in range(j_lo, mid_lo, BLOCK_N):
+        j, k_ok, allowed = _window_keys(t, k_start, j0, j_hi, row_ok, window, BLOCK_N)
+        k = _load_rows(k_base, j, k_ok, skt, offs_d, D, DT, EVEN)
+        v = _load_rows(v_base, j, k_ok, svt, offs_dv, DV, DT, EVEN)
+        dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC, True)
+    for j0 in range(mid_lo, mid_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        k_ok = j < j_hi
-        k = _load_rows(k_base, j, k_ok, skt, offs_d, D, DT)
-        v = _load_rows(v_base, j, k_ok, svt, offs_dv, DV, DT)
-        diff = t[:, None] - (k_start + j)[None, :]
-        allowed = (diff >= 0) & (diff < window) & k_ok[None, :] & row_ok[:, None]
-        dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC)
+        k = _load_rows(k_base, j, j < j_hi, skt, offs_d, D, DT, EVEN)
+        v = _load_rows(v_base, j, j < j_hi, svt, offs_dv, DV, DT, EVEN)
+        dq = _dq_step(q, do, k, v, row_ok, lse2, delta, dq, qk_scale, PREC, False)
+    for j0 in range(mid_hi, j_hi, BLOCK_N):
+        j, k_ok, allowed = _window_keys(t, k_start, j0, j_hi, row_ok, window, BLOCK_N)
+        k = _load_rows(k_base, j, k_ok, skt, offs_d, D, DT, EVEN)
+        v = _load_rows(v_base, j, k_ok, svt, offs_dv, DV, DT, EVEN)
+        dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC, True)
     if HAS_GLOBAL:
         kg_base = KG + b64 * sgkb + hk * sgkh
         vg_base = VG + b64 * sgvb + hk * sgvh
@@ -173,10 +216,10 @@ def window_sparse_attn_bwd_dq_kernel(
             gi = g0 + tl.arange(0, BLOCK_N)
             g_ok = gi < NG
             gp = tl.load(GPOS + gi, mask=g_ok, other=0)
-            k = _load_rows(kg_base, gi, g_ok, sgkt, offs_d, D, DT)
-            v = _load_rows(vg_base, gi, g_ok, sgvt, offs_dv, DV, DT)
+            k = _load_rows(kg_base, gi, g_ok, sgkt, offs_d, D, DT, EVEN)
+            v = _load_rows(vg_base, gi, g_ok, sgvt, offs_dv, DV, DT, EVEN)
             allowed = ((t[:, None] - gp[None, :]) >= window) & g_ok[None, :] & row_ok[:, None]
-            dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC)
+            dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC, True)
     dq_ptr = DQ + pid_s.to(tl.int64) * sdq_split + b64 * sqb + h * sqh + i.to(tl.int64)[:, None] * sqt
     dq_ptr += offs_d[None, :]
     tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])

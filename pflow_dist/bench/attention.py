@@ -2,7 +2,7 @@
 
 Implementations, all on the same inputs (``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]``, window W, the first G tokens
 global):
-- ``ours``: ``pflow_dist.ops.sparse_attention.sparse_attention`` (Triton kernels on CUDA, blocked torch on CPU);
+- ``ours``: ``pflow_dist.ops.sparse_attention.sparse_attention`` (``backend="triton"`` on CUDA, blocked torch on CPU);
 - ``flex``: the same pattern as a torch FlexAttention block mask (``backend="flex"``: compiled on CUDA; on CPU eager,
   forward only — torch has no FlexAttention backward there, the fwd+bwd row records that error);
 - ``sdpa-causal``: dense causal ``scaled_dot_product_attention`` (FlashAttention backend on CUDA), O(T²): the cost
@@ -31,6 +31,7 @@ REFERENCE_MAX_T = 4_096
 _QUICK = [(1, 256, 2, 2, 16, 32, 2), (1, 1000, 4, 2, 32, 64, 4)]
 _FULL = [(1, t, 16, 16, 128, w, 4) for w in (512, 2048) for t in (8_192, 32_768, 131_072, 524_288, 1_048_576)]
 _FULL += [(1, 131_072, 32, 8, 128, 2048, 4)]  # GQA 4:1
+_FULL += [(1, REFERENCE_MAX_T, 16, 16, 128, 512, 4)]  # full head size, small enough for the float64 check
 
 
 def _cases(quick: bool) -> list[Case]:
@@ -52,7 +53,9 @@ def _inputs(case: Case, dtype: torch.dtype, device: torch.device) -> dict[str, t
 
 
 def _ours(inp):
-    return (sparse_attention(inp["q"], inp["k"], inp["v"], int(inp["window"]), n_global=int(inp["n_global"])),)
+    backend = "triton" if inp["q"].is_cuda else "auto"  # our kernels (auto may choose FlexAttention on CUDA)
+    return (sparse_attention(inp["q"], inp["k"], inp["v"], int(inp["window"]), n_global=int(inp["n_global"]),
+                             backend=backend),)
 
 
 def _flex(inp):

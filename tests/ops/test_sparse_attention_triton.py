@@ -20,6 +20,8 @@ CASES = {
     "B2-T21-W5-none": (2, 21, 1, 1, 16, 16, 5, None),
     "W1-T18-G[17,4]": (1, 18, 2, 1, 6, 6, 1, [17, 4]),
     "W>T-T12-W40-G[3]": (1, 12, 2, 2, 4, 4, 40, [3]),
+    # W ≥ 3 tiles of 16: the tiles that skip the mask (every row reads every key) run between masked edge tiles
+    "T90-W50-unmasked-tiles-G[0,70]": (1, 90, 1, 1, 16, 16, 50, [0, 70]),
 }
 
 
@@ -68,20 +70,32 @@ def build(kern, elem, consts):
     src = ASTSource(fn=kern, signature=sig, constexprs={(kern.arg_names.index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
-def config(d, prec, dt):
-    global opts
-    cfg = window._blocks(d, d)
-    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-    return dict(cfg, PREC=prec, DT=dt)
+opts = {}
 
-c = config(128, None, tl.bfloat16)  # every variant the bf16 op launches (D = 128: the largest tiles)
-for kern in (fwd, dq):
-    build(kern, "*bf16", dict(c, GATHERED=False, HAS_GLOBAL=True))
-    build(kern, "*bf16", dict(c, GATHERED=True, HAS_GLOBAL=False))
-for gathered, far in ((False, False), (False, True), (True, False)):
-    build(dkdv, "*bf16", dict(c, GATHERED=gathered, FAR=far))
+def config(kind, cand, d, prec, dt):
+    bm, bn, opts["num_warps"], opts["num_stages"] = cand
+    bd = max(16, triton.next_power_of_2(d))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd, EVEN=bd == d, PREC=prec, DT=dt)
+
+# bf16, D = 128 (the largest tiles): every autotuning candidate of the main variants, the first for the others
+rows = [dict(GATHERED=False, HAS_GLOBAL=True), dict(GATHERED=True, HAS_GLOBAL=False)]
+for kind, kern, variants in (("fwd", fwd, rows), ("dq", dq, rows),
+                             ("dkdv", dkdv, [dict(GATHERED=False, FAR=False), dict(GATHERED=False, FAR=True),
+                                             dict(GATHERED=True, FAR=False)])):
+    for n, cand in enumerate(window._CANDIDATES[kind]):
+        for var in variants if n == 0 else variants[:1]:
+            build(kern, "*bf16", dict(config(kind, cand, 128, None, tl.bfloat16), **var))
 # fp32 with exact (ieee) products: one variant (its FMA-emulated dots take ~6 s each to compile)
-build(fwd, "*fp32", dict(config(48, "ieee", tl.float32), GATHERED=False, HAS_GLOBAL=True))
+build(fwd, "*fp32", dict(config("fwd", window._CANDIDATES["fwd"][0], 48, "ieee", tl.float32), GATHERED=False,
+                         HAS_GLOBAL=True))
+from pflow_dist.kernels.attention.window_bwd import window_sparse_attn_bwd_delta_kernel as delta
+for has in (False, True):
+    opts.update(num_warps=4, num_stages=1)
+    src = ASTSource(fn=delta, signature=dict(O="*bf16", DO="*bf16", DLSE="*fp32", DELTA="*fp32", n_rows="i32",
+                                             DVD="i32", HAS_DLSE="constexpr", BLOCK_R="constexpr",
+                                             BLOCK_DV="constexpr"),
+                    constexprs={(6,): has, (7,): 64, (8,): 128})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 print("compiled")
 '''
 
