@@ -122,7 +122,7 @@ def normalize_global_idx(
     if idx.dim() != 1:
         raise ValueError(f"global_idx must be 1-D (positions shared by every batch row and head), "
                          f"got shape {list(idx.shape)}")
-    idx = idx.to(device=device, dtype=torch.int64)
+    idx = idx.to(device="cpu", dtype=torch.int64)  # validated on the host: one copy instead of several GPU syncs
     if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= T:
@@ -131,4 +131,4 @@ def normalize_global_idx(
     if idx.numel() and int(counts.max()) > 1:
         dup = idx[counts > 1].tolist()
         raise ValueError(f"global_idx must not repeat a position, got duplicates {dup[:8]}")
-    return idx
+    return idx.to(device)

@@ -3,8 +3,9 @@
 Protocol of the authors' timing script (arXiv 2405.02086 / 2407.16293, SAE-Supervised-Autoencoder-Omics
 script_test_timer.py): ``torch.rand(1000, m)`` in float64, m in {1000, 2000, 4000, 6000, 8000}, radius 1, groups are
 columns here (the paper's convention; reduce over dim 0). ``…-f0.1`` cases use a radius of 10% of ‖Y‖_{1,∞}
-(less sparse, harder for the exact solver). On CUDA the cases ``8192x8192`` (where the exact solver still fits in memory) and ``32768x32768`` (run them with
-``--dtype fp32``) are added: 3 passes over 4 GiB, compared with the copy bandwidth measured in the same process.
+(less sparse, harder for the exact solver). On CUDA the cases ``8192x8192`` and ``32768x32768`` are added (run them
+with ``--dtype fp32``; the exact solver needs ~76 GiB at the second): 3 passes over 4 GiB, compared with the copy
+bandwidth measured in the same process.
 
 Implementations: ``ours`` (:func:`~pflow_dist.ops.projection.bilevel_project`, allocating its result), ``ours-out``
 (into a preallocated buffer: on CPU most of the difference is page faults of the fresh allocation), ``triton`` (the

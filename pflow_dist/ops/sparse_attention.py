@@ -174,6 +174,11 @@ def window_attention(
             raise TypeError(f"kg and vg must have q's dtype {q.dtype}, got {kg.dtype}, {vg.dtype}")
         g_pos = _check_positions("g_pos", g_pos, G, q.device)
     be = _resolve_backend(backend, q, v, allow_flex=False)
+    return _window_attention(q, k, v, window, q_start, q_pos, k_start, kg, vg, g_pos, scale, be)
+
+
+def _window_attention(q, k, v, window, q_start, q_pos, k_start, kg, vg, g_pos, scale, be):
+    """:func:`window_attention` on validated arguments (no host syncs: the position checks are the caller's)."""
     window = min(window, INF_WINDOW)
     if be == "triton":
         return _TritonWindowAttention.apply(q, k, v, kg, vg, q_start, q_pos, k_start, window, g_pos, scale)
@@ -239,9 +244,10 @@ def sparse_attention(
 
         return flex_sparse_attention(q, k, v, window, g, scale)
     has_g = g.numel() > 0
-    o, _ = window_attention(q, k, v, window=window, kg=k[:, g] if has_g else None, vg=v[:, g] if has_g else None,
-                            g_pos=g if has_g else None, scale=scale, backend=be)
+    # g is sorted, unique and in range (normalize_global_idx), the shapes checked: no re-validation (GPU syncs)
+    o, _ = _window_attention(q, k, v, window, 0, None, 0, k[:, g] if has_g else None, v[:, g] if has_g else None,
+                             g if has_g else None, scale, be)
     if has_g:
-        og, _ = window_attention(q[:, g], k, v, window=INF_WINDOW, q_pos=g, scale=scale, backend=be)
+        og, _ = _window_attention(q[:, g], k, v, INF_WINDOW, 0, g, 0, None, None, None, scale, be)
         o = o.index_copy(1, g, og)
     return o
