@@ -52,7 +52,8 @@ def resolve_config(config_path: str | Path | None, overrides: list[str] | tuple[
     Args:
         config_path: a YAML run config (``configs/...``) or None for the defaults.
         overrides: ``section.key=value`` strings.
-        num_workers: Ray Train workers (data-parallel ranks).
+        num_workers: Ray Train workers: data-parallel × sequence-parallel ranks (``parallel.sp_size`` consecutive
+            workers share each sequence).
 
     Returns:
         ``RunConfig.to_dict()`` of the adapted config.
@@ -346,7 +347,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pflow_dist.launch.ray_train", description=__doc__)
     p.add_argument("--config", help="YAML run config (configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 train.ckpt_every=50")
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (data-parallel ranks)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (data-parallel ranks, "
+                   "times parallel.sp_size for sequence parallelism)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--address", default=None, help="host:port or ray://host:port of a running cluster, or 'auto' "
                    "(default: RAY_ADDRESS, else a local Ray)")

@@ -134,3 +134,14 @@ def test_use_gpu_without_gpus(local_ray):
         launch_ray(os.path.join(ROOT, CONFIG), TINY + ["train.device=auto"], num_workers=2, use_gpu=True)
     with pytest.raises(ValueError, match="use_gpu=True but train.device='cpu'"):
         launch_ray(os.path.join(ROOT, CONFIG), TINY, num_workers=2, use_gpu=True)
+
+
+def test_two_workers_sequence_parallel_match_single_process(local_ray, single_process_losses, tmp_path):
+    """parallel.sp_size=2 through the Ray path: the two workers hold halves of the same 4 sequences (data-parallel
+    degree 1, so the global batch is unchanged) and the loss curve is the one-process curve up to summation order."""
+    out = launch_ray(os.path.join(ROOT, CONFIG), TINY + ["train.micro_batch_size=4", "parallel.sp_size=2"],
+                     num_workers=2, storage_path=tmp_path / "storage", name="sp", keep_checkpoints=None)
+    hist = out["history"]
+    assert [r["step"] for r in hist] == list(range(1, STEPS + 1))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in hist]), torch.tensor(single_process_losses),
+                               rtol=1e-4, atol=0)
