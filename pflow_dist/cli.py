@@ -232,7 +232,7 @@ def k8s_check(
 def launch_ray_cmd(
     config: Annotated[Path, typer.Option(help="Training config (YAML).")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of the config.")] = None,
-    num_workers: Annotated[int, typer.Option(help="Ray Train workers (data-parallel ranks).")] = 1,
+    num_workers: Annotated[int, typer.Option(help="Ray Train workers (data-parallel ranks × parallel.sp_size).")] = 1,
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="One GPU per worker (NCCL).")] = False,
     address: Annotated[str | None, typer.Option(help="host:port or ray://host:port of a running cluster, or 'auto' "
                                                      "(default: RAY_ADDRESS, else a local Ray).")] = None,
