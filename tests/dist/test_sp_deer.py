@@ -33,6 +33,8 @@ CASES = [
     dict(cell="gru", method="newton", B=3, T=29, dtype=torch.float32, algorithm="doubling"),
     dict(cell="tanh", method="newton", B=2, T=21, dtype=F64, algorithm="allgather"),
     dict(cell="tanh", method="quasi", B=2, T=18, dtype=torch.float32, algorithm="allgather"),
+    # the Triton scans (interpreter on CPU) as the inner step and in the adjoint
+    dict(cell="gru", method="newton", B=2, T=22, dtype=torch.float32, algorithm="doubling", backend="triton"),
 ]
 I, N = 3, 5
 
@@ -95,7 +97,7 @@ def _worker(rank, world, cases):
         s, e = shard_bounds(c["T"], world)[rank]
         last = rank == world - 1
         # sp_deer sees only its shard: slice x inside run so dx comes back full-size (zeros outside the shard)
-        run = functools.partial(_sp_run, s=s, e=e, algorithm=c["algorithm"], **kw)
+        run = functools.partial(_sp_run, s=s, e=e, algorithm=c["algorithm"], backend=c.get("backend", "auto"), **kw)
         h, hT, grads, info = _grads(cell, x, h0, run, g[:, s:e], gT, last)
         err = {}
         for name, r in (("deer", ref), ("seq", seq)):
