@@ -8,6 +8,12 @@
 # Stability of the sum form: with R terms reading the same state, A_t = I − Σ_r β_r k_r k_rᵀ has eigenvalues below −1
 # when Σ_r β_r > 2 and keys correlate (DESIGN.md §3), so β is scaled by 1/R there (β_max = 1, or 2 with
 # allow_neg_eigval). In the product form each factor I − β_r k_r k_rᵀ is contractive for β_r < 2 on its own.
+#
+# backend="fla" runs the mixers' flow op with fla's chunk_delta_rule (fla-core ≥ 0.6, flash-linear-attention) instead
+# of ours, everything else (projections, conv, L2 normalisation of q and k outside the kernel, β, norms, MLPs) being
+# the same module: the peer of the end-to-end training benchmark (pflow_dist.bench.train_lm). That kernel is the
+# rank-1, non-gated delta rule on [B, T, H, K] inputs (bf16/fp16, CUDA, chunk 16/32/64, K ≤ 256), so the config must
+# be rank 1 without gate; fla is imported only when such a mixer is built.
 """FlowLM: embedding → N × [RMSNorm → flow mixer → RMSNorm → SwiGLU MLP] → RMSNorm → LM head."""
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from torch import nn
 from ..ops.flow import chunk_flow
 from .layers import RMSNorm, ShortConv, SwiGLU, swiglu_hidden
 
-__all__ = ["FlowBlock", "FlowLM", "FlowLMConfig", "FlowMixer", "flow_flops_per_token"]
+__all__ = ["FlowBlock", "FlowLM", "FlowLMConfig", "FlowMixer", "flow_flops_per_token", "import_fla_delta_rule"]
 
 _RANK_FORMS = ("sum", "product")
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "triton", "torch", "fla")
+_FLA_CHUNK_SIZES = (16, 32, 64)  # fla.ops.delta_rule.chunk_delta_rule raises on any other
+_FLA_MAX_DIM = 256  # fla's chunk_gated_delta_rule_fwd_h asserts K <= 256
 
 
 @dataclass
@@ -52,7 +60,10 @@ class FlowLMConfig:
         tie_embeddings: share the embedding and LM-head weights.
         init_std: std of the normal init of linear and embedding weights.
         chunk_size: chunk length of the flow op.
-        backend: flow op backend: ``"auto"`` (Triton on CUDA, chunked torch on CPU), ``"triton"``, ``"torch"``.
+        backend: flow op backend: ``"auto"`` (Triton on CUDA, chunked torch on CPU), ``"triton"``, ``"torch"``, or
+            ``"fla"``: fla's ``chunk_delta_rule`` (fla-core, CUDA, bf16/fp16; the comparison peer) in the flow mixers,
+            which needs ``rank=1``, ``use_gate=False``, ``chunk_size`` 16/32/64 and K, V ≤ 256; attention layers
+            of a hybrid model then run ``"auto"``.
         attn_every: make every k-th mixer (layers k, 2k, ...) a sliding-window + global-token sparse attention layer
             (:class:`~pflow_dist.models.attention_mixer.SparseAttentionMixer`, hybrid model); 0 = flow mixers only.
         attn_window: the attention window w of those layers.
@@ -96,6 +107,8 @@ class FlowLMConfig:
             raise ValueError(f"model.rank_form must be one of {_RANK_FORMS}, got {self.rank_form!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"model.backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.backend == "fla":
+            self._check_fla()
         if self.expand_v <= 0 or self.mlp_ratio <= 0:
             raise ValueError(f"model.expand_v and model.mlp_ratio must be > 0, got {self.expand_v}, {self.mlp_ratio}")
         if self.attn_every < 0:
@@ -103,6 +116,27 @@ class FlowLMConfig:
         if self.attn_window < 1 or self.attn_n_global < 0:
             raise ValueError(f"model.attn_window must be >= 1 and model.attn_n_global >= 0, got {self.attn_window}, "
                              f"{self.attn_n_global}")
+
+    def _check_fla(self) -> None:
+        """Refuse configs that fla's ``chunk_delta_rule`` cannot run, saying what it supports."""
+        supported = ("model.backend='fla' runs fla's chunk_delta_rule, the rank-1 non-gated delta rule "
+                     f"(inputs [B, T, H, K], chunk_size in {_FLA_CHUNK_SIZES}, K and V <= {_FLA_MAX_DIM}); ")
+        if self.rank != 1:
+            raise ValueError(supported + f"got model.rank={self.rank}: the rank-R sum form (ParallelFlow) has no fla "
+                             "kernel (fla's rank-R op, chunk_gated_delta_product, is the product form); set "
+                             "model.rank=1 or use backend 'auto'")
+        if self.use_gate:
+            raise ValueError(supported + "got model.use_gate=true: the gated delta rule is a different fla op "
+                             "(chunk_gated_delta_rule) that this backend does not call; set model.use_gate=false")
+        if self.chunk_size not in _FLA_CHUNK_SIZES:
+            raise ValueError(supported + f"got model.chunk_size={self.chunk_size}")
+        if self.key_dim > _FLA_MAX_DIM or self.value_dim > _FLA_MAX_DIM:
+            raise ValueError(supported + f"got K={self.key_dim}, V={self.value_dim}")
+
+    @property
+    def mixer_backend(self) -> str:
+        """The backend of the non-flow (attention) mixers: ``backend``, or ``"auto"`` when it is ``"fla"``."""
+        return "auto" if self.backend == "fla" else self.backend
 
     def is_attention_layer(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` (0-based) is a sparse-attention layer."""
@@ -127,6 +161,20 @@ class FlowLMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def import_fla_delta_rule():
+    """fla's ``chunk_delta_rule`` (``fla.ops.delta_rule``), imported on first use.
+
+    Raises:
+        ImportError: fla-core is not installed (or fails to import), with the install hint and the cause.
+    """
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule  # noqa: PLC0415 - optional peer, imported lazily
+    except ImportError as e:
+        raise ImportError(f"model.backend='fla' needs fla-core (pip install fla-core==0.6.0), which could not be "
+                          f"imported: {type(e).__name__}: {e}") from e
+    return chunk_delta_rule
 
 
 def flow_flops_per_token(K: int, V: int, R: int, C: int) -> float:
@@ -167,6 +215,8 @@ class FlowMixer(nn.Module):
             self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
             dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
             self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        if cfg.backend == "fla":
+            import_fla_delta_rule()  # fail at build time, not at the first forward
         self.o_norm = RMSNorm(V, cfg.norm_eps)
         if cfg.use_output_gate:
             self.g_proj = nn.Linear(D, H * V, bias=False)
@@ -223,6 +273,8 @@ class FlowMixer(nn.Module):
     def _flow(self, q, k, v, beta, g, sp_group):
         """The one call to the flow op: the single-device op, or its sequence-parallel form over ``sp_group``."""
         cfg = self.cfg
+        if cfg.backend == "fla":
+            return self._fla_flow(q, k, v, beta, sp_group)
         if sp_group is None:
             o, _ = chunk_flow(q, k, v, beta, g, rank_form=cfg.rank_form, chunk_size=cfg.chunk_size,
                               backend=cfg.backend)
@@ -231,6 +283,23 @@ class FlowMixer(nn.Module):
 
         o, _ = sp_flow(q, k, v, beta, g, group=sp_group, rank_form=cfg.rank_form, chunk_size=cfg.chunk_size,
                        backend=cfg.backend)
+        return o
+
+    def _fla_flow(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                  sp_group: Any) -> torch.Tensor:
+        """The flow op by fla's ``chunk_delta_rule`` on the same inputs as ours: ``q, k [B, T, H, K]`` (already
+        L2-normalised here, so not again in the kernel), ``v [B, T, H, V]``, ``beta [B, T, H]`` (float32), scale
+        ``K ** -0.5``; returns ``o [B, T, H, V]`` in q's dtype."""
+        if sp_group is not None:
+            raise NotImplementedError("model.backend='fla' has no sequence-parallel form (fla's kernel cannot start "
+                                      "from the combined incoming state here); use parallel.sp_size=1")
+        if q.device.type != "cuda":
+            raise ValueError(f"model.backend='fla' runs fla's Triton kernels on CUDA tensors, got {q.device}")
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"model.backend='fla': fla's chunk_delta_rule takes bf16/fp16 inputs (it refuses "
+                            f"float32), got {q.dtype}; train with train.precision=bf16")
+        o, _ = import_fla_delta_rule()(q, k, v, beta, scale=self.cfg.key_dim ** -0.5, output_final_state=False,
+                                       use_qk_l2norm_in_kernel=False, chunk_size=self.cfg.chunk_size)
         return o
 
 
@@ -244,7 +313,8 @@ class FlowBlock(nn.Module):
             from .attention_mixer import SparseAttentionMixer
 
             self.mixer = SparseAttentionMixer(cfg.d_model, cfg.n_heads, cfg.attn_window, cfg.attn_n_global,
-                                              n_kv_heads=cfg.attn_kv_heads, head_dim=cfg.key_dim, backend=cfg.backend)
+                                              n_kv_heads=cfg.attn_kv_heads, head_dim=cfg.key_dim,
+                                              backend=cfg.mixer_backend)
         else:
             self.mixer = FlowMixer(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
