@@ -262,7 +262,9 @@ def format_table(rows: list[BenchRow]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m pflow_dist.bench.train_lm", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pflow_dist.bench.train_lm",
+                                description="End-to-end training throughput of one FlowLM, our flow kernel vs fla's, "
+                                "in one process (see the module docstring).")
     p.add_argument("--config", help="YAML run config (e.g. configs/models/flow_lm_125m.yaml); defaults when omitted")
     p.add_argument("--impl", action="append", choices=IMPLS, help="ours and/or fla, in run order (default: both)")
     p.add_argument("--steps", type=int, default=200, help="timed optimizer steps")
