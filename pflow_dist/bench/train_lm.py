@@ -121,18 +121,6 @@ def _case_name(cfg: RunConfig) -> str:
             f"mb{t.micro_batch_size}-{cfg.parallel.engine}{cfg.parallel.zero_stage}")
 
 
-def _release(trainer: Trainer) -> None:
-    """Close the trainer so that its model can be freed. ZeRO's gradient hooks sit on autograd nodes that reference
-    the DeepSpeed optimizer from C++, out of reach of Python's cycle collector: without ``engine.destroy()`` (which
-    removes them) the whole first model, its gradients and optimizer states stay allocated during the next run."""
-    ds_engine = getattr(trainer.engine, "engine", None)  # the deepspeed.DeepSpeedEngine inside ours, if any
-    try:
-        if ds_engine is not None and hasattr(ds_engine, "destroy"):
-            ds_engine.destroy()
-    finally:
-        trainer.close()
-
-
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -163,7 +151,7 @@ def _train_one(cfg: RunConfig, warmup_steps: int) -> dict[str, Any]:
         flops_per_token, n_params = trainer.flops_per_token, trainer.n_params
         peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     finally:
-        _release(trainer)
+        trainer.close()  # destroys a DeepSpeed engine: its ZeRO hooks would keep the model alive
         del trainer
     n_steps = len(stamps) - 1
     if n_steps != cfg.train.steps:

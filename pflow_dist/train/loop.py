@@ -295,5 +295,7 @@ class Trainer:
         return True
 
     def close(self) -> None:
-        """Release the engine (the process group is left to whoever created it)."""
-        self.engine = None
+        """Release the engine and its memory (the process group is left to whoever created it)."""
+        engine, self.engine = self.engine, None
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()

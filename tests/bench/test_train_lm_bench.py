@@ -75,7 +75,7 @@ print("STATUS", [r.status for r in rows], "LIVE", sum(isinstance(o, FlowLM) for 
 
 
 def test_each_deepspeed_model_is_freed_after_its_run(tmp_path: Path) -> None:
-    # ZeRO-2 hooks keep a DeepSpeed model alive past `del` unless the engine is destroyed (train_lm._release)
+    # ZeRO-2 hooks keep a DeepSpeed model alive past `del` unless the engine is destroyed (Trainer.close)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT, *TINY, "model.n_layers=1", "train.threads=1"],
                           env={**env, "DS_ACCELERATOR": "cpu"}, cwd=tmp_path, capture_output=True, text=True,
