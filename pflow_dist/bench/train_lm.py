@@ -18,6 +18,10 @@ losses, the final eval loss, the warm-up time and the loss curve. ``peak_mem_byt
 ``torch.cuda.max_memory_allocated`` from the model's build to its end (``None`` on CPU, where ``extra.peak_rss_mb`` is
 the process's peak resident set). The printed table ends with the throughput ratio ours / peer (> 1: ours faster).
 
+``--profile DIR`` records the last 3 warm-up steps of each implementation with ``torch.profiler`` (after compilation,
+before the timed window, so the row is unchanged) and writes the operator tables to ``DIR/<impl>.txt``: where a step's
+time goes beyond the mixer kernel.
+
 One plain ``python`` process is enough: the loop starts a one-process DeepSpeed group when no launcher set ``RANK``.
 
 Example (one H200)::
@@ -35,6 +39,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,8 +67,9 @@ class _TimedTrainer(Trainer):
     ``torch.cuda.synchronize`` makes the stamp independent of that detail.
     """
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, profiler: torch.profiler.profile | None = None) -> None:
         self.step_end: list[float] = []
+        self.profiler = profiler
         super().__init__(cfg)
 
     def train_step(self) -> float:
@@ -71,7 +77,33 @@ class _TimedTrainer(Trainer):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step_end.append(time.perf_counter())
+        if self.profiler is not None:
+            self.profiler.step()
         return loss
+
+
+PROFILE_STEPS = 3  # steps recorded by --profile, the last ones of the untimed warm-up (after compilation)
+
+
+def _profiler(warmup_steps: int) -> torch.profiler.profile:
+    """A profiler that records the warm-up steps ``warmup_steps − PROFILE_STEPS + 1 .. warmup_steps`` (1-based):
+    past compilation and autotuning, and outside the timed window, so profiling does not change the row."""
+    if warmup_steps < PROFILE_STEPS + 2:
+        raise ValueError(f"--profile records the last {PROFILE_STEPS} warm-up steps after at least 2 others: "
+                         f"needs --warmup-steps >= {PROFILE_STEPS + 2}, got {warmup_steps}")
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    sched = torch.profiler.schedule(wait=warmup_steps - PROFILE_STEPS - 1, warmup=1, active=PROFILE_STEPS, repeat=1)
+    return torch.profiler.profile(activities=acts, schedule=sched)
+
+
+def profile_tables(prof: torch.profiler.profile, rows: int = 30) -> str:
+    """The recorded steps' operators: by total device time (CUDA) or CPU time, then by self CPU time (host cost)."""
+    avg = prof.key_averages()
+    first = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return "\n\n".join(avg.table(sort_by=key, row_limit=rows, max_name_column_width=80)
+                        for key in (first, "self_cpu_time_total"))
 
 
 def build_configs(config: str | None, impls: list[str], steps: int, warmup_steps: int, seq_len: int | None,
@@ -132,8 +164,9 @@ def _error_message(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
-def _train_one(cfg: RunConfig, warmup_steps: int) -> dict[str, Any]:
-    """Train ``cfg`` once; the measurements of one row (see the module docstring)."""
+def _train_one(cfg: RunConfig, warmup_steps: int, profile_path: Path | None = None) -> dict[str, Any]:
+    """Train ``cfg`` once; the measurements of one row (see the module docstring). With ``profile_path``, the last
+    warm-up steps are profiled and the operator tables written there."""
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     mem_before = None
     if use_cuda:
@@ -141,10 +174,17 @@ def _train_one(cfg: RunConfig, warmup_steps: int) -> dict[str, Any]:
         mem_before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
-    trainer = _TimedTrainer(cfg)
+    prof = _profiler(warmup_steps) if profile_path is not None else None
+    trainer = _TimedTrainer(cfg, prof)
     try:
         t_begin = time.perf_counter()
-        summary = trainer.train()
+        if prof is None:
+            summary = trainer.train()
+        else:
+            with prof:
+                summary = trainer.train()
+            profile_path.parent.mkdir(parents=True, exist_ok=True)
+            profile_path.write_text(profile_tables(prof) + "\n")
         device, precision, world = trainer.device, trainer.precision, trainer.world
         stamps = [t_begin, *trainer.step_end]  # stamps[i]: end of step i (stamps[0]: the start)
         tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * trainer.dims.dp_size * cfg.data.seq_len
@@ -183,8 +223,10 @@ def _train_one(cfg: RunConfig, warmup_steps: int) -> dict[str, Any]:
 
 
 def run_train_bench(configs: dict[str, RunConfig], warmup_steps: int, out: str | None = None,
-                    on_row=None) -> list[BenchRow]:
+                    on_row=None, profile_dir: str | Path | None = None) -> list[BenchRow]:
     """Train every implementation's config in turn and return one row each (written to ``out`` as it finishes).
+
+    With ``profile_dir``, each implementation's last warm-up steps are profiled into ``<profile_dir>/<impl>.txt``.
 
     An implementation that raises while training gets a row with ``status="error"`` and the message; the others
     still run. Every model is freed (engine deleted, ``gc``, CUDA cache emptied) before the next one is built.
@@ -199,7 +241,7 @@ def run_train_bench(configs: dict[str, RunConfig], warmup_steps: int, out: str |
                        p80_ms=None, n_rep=0, peak_mem_bytes=None, versions=vers, command=cmd,
                        extra={"config": cfg.to_dict()})
         try:
-            res = _train_one(cfg, warmup_steps)
+            res = _train_one(cfg, warmup_steps, Path(profile_dir) / f"{impl}.txt" if profile_dir else None)
             row.device, row.dtype, row.shapes = device_name(res["device"]), res["precision"], res["shapes"]
             row.median_ms, row.p20_ms, row.p80_ms, row.n_rep = res["median_ms"], res["p20_ms"], res["p80_ms"], \
                 res["n_rep"]
@@ -260,9 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="data.seq_len (default: the config's)")
     p.add_argument("--micro-batch", type=int, default=None, help="train.micro_batch_size (default: the config's)")
     p.add_argument("--out", help="append the rows to this JSONL file")
+    p.add_argument("--profile", metavar="DIR", help=f"profile the last {PROFILE_STEPS} warm-up steps of each "
+                   "implementation (torch.profiler) and write its operator tables to DIR/<impl>.txt")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.rank=1 model.use_gate=false")
     a = p.parse_intermixed_args(argv)
     impls = a.impl or list(IMPLS)
+    if a.profile and a.warmup_steps < PROFILE_STEPS + 2:
+        p.error(f"--profile records the last {PROFILE_STEPS} warm-up steps: needs --warmup-steps >= "
+                f"{PROFILE_STEPS + 2}, got {a.warmup_steps}")
     try:
         configs = build_configs(a.config, impls, a.steps, a.warmup_steps, a.seq_len, a.micro_batch, a.overrides)
     except (ValueError, TypeError, FileNotFoundError) as e:
@@ -282,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = row.extra.get("tokens_per_s")
         print(f"done {row.impl}: {row.status} " + (f"{tok:,.0f} tok/s" if tok else (row.error or "")), flush=True)
 
-    rows = run_train_bench(configs, a.warmup_steps, a.out, on_row=show)
+    rows = run_train_bench(configs, a.warmup_steps, a.out, on_row=show, profile_dir=a.profile)
     print(format_table(rows), flush=True)
     if a.out:
         print(f"wrote {len(rows)} rows to {a.out}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pflow_dist.bench.harness import BenchRow, read_jsonl
-from pflow_dist.bench.train_lm import build_configs, format_table, main
+from pflow_dist.bench.train_lm import build_configs, format_table, main, run_train_bench
 from pflow_dist.train.loop import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -147,3 +147,18 @@ def test_table_reports_the_throughput_ratio_and_errors() -> None:
     assert "throughput ratio ours/fla: 1.500x" in text and "25.0%" in text and "3.00" in text
     text = format_table([_row("ours", 300.0), _row("fla", None, "error", "OutOfMemoryError: CUDA out of memory")])
     assert "ratio" not in text and "fla: OutOfMemoryError: CUDA out of memory" in text
+
+
+def test_profile_records_the_last_warmup_steps(tmp_path: Path) -> None:
+    """--profile writes each implementation's operator tables from 3 post-compilation warm-up steps; the timed steps
+    are not profiled (the row is the same kind of row); too few warm-up steps is a usage error."""
+    cfg = build_configs(str(CONFIGS / "models" / "flow_lm_1m.yaml"), ["ours"], 2, 5, 32, 1,
+                        TINY + ["parallel.engine=plain", "train.threads=1"])
+    (row,) = run_train_bench(cfg, 5, profile_dir=tmp_path / "prof")
+    assert row.status == "ok" and row.n_rep == 2 and len(row.extra["losses"]) == 7
+    text = (tmp_path / "prof" / "ours.txt").read_text()
+    assert "aten::mm" in text and "Self CPU time total" in text
+    steps = [line.split() for line in text.splitlines() if line.strip().startswith("ProfilerStep*")]
+    assert steps and all(cols[-1] == "3" for cols in steps), steps  # 3 recorded steps, in both tables
+    with pytest.raises(SystemExit):
+        main(["--impl", "ours", "--warmup-steps", "4", "--profile", str(tmp_path / "p2"), *TINY])
