@@ -75,16 +75,16 @@ def _launch(kind: str, grid_rows: int, grid_rest: tuple[int, int], *args, **kw) 
     kw[("DVD" if kind == "dkdv" else "DV")] = dv
     kw.update(D=d, EVEN=bd == d and bdv == dv)
     if _interpreting():  # the interpreter runs every lane in numpy: the smallest legal tiles are the fastest
-        _RAW[kind][(triton.cdiv(grid_rows, 16), *grid_rest)](*args, **kw, BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd,
-                                                              BLOCK_DV=bdv)
-        return
-    if os.environ.get("PFLOW_DIST_AUTOTUNE", "1") == "0":  # the first candidate only (e.g. quick GPU test runs)
+        bm, bn, opts = 16, 16, {}
+    elif os.environ.get("PFLOW_DIST_AUTOTUNE", "1") == "0":  # the first candidate only (e.g. quick GPU test runs)
         bm, bn, warps, stages = _CANDIDATES[kind][0]
-        _RAW[kind][(triton.cdiv(grid_rows, bm if axis == "BLOCK_M" else bn), *grid_rest)](
-            *args, **kw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps, num_stages=stages)
+        opts = dict(num_warps=warps, num_stages=stages)
+    else:
+        _TUNED[kind][lambda meta: (triton.cdiv(grid_rows, meta[axis]), *grid_rest)](*args, **kw, BLOCK_D=bd,
+                                                                                   BLOCK_DV=bdv)
         return
-    _TUNED[kind][lambda meta: (triton.cdiv(grid_rows, meta[axis]), *grid_rest)](*args, **kw, BLOCK_D=bd,
-                                                                               BLOCK_DV=bdv)
+    _RAW[kind][(triton.cdiv(grid_rows, bm if axis == "BLOCK_M" else bn), *grid_rest)](
+        *args, **kw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **opts)
 
 
 def _delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:

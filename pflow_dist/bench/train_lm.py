@@ -34,6 +34,7 @@ Example (one H200)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import statistics
@@ -85,12 +86,17 @@ class _TimedTrainer(Trainer):
 PROFILE_STEPS = 3  # steps recorded by --profile, the last ones of the untimed warm-up (after compilation)
 
 
-def _profiler(warmup_steps: int) -> torch.profiler.profile:
-    """A profiler that records the warm-up steps ``warmup_steps − PROFILE_STEPS + 1 .. warmup_steps`` (1-based):
-    past compilation and autotuning, and outside the timed window, so profiling does not change the row."""
+def check_profile_warmup(warmup_steps: int) -> None:
+    """Raise ValueError unless the warm-up leaves 2 steps (compilation) before the :data:`PROFILE_STEPS` profiled."""
     if warmup_steps < PROFILE_STEPS + 2:
         raise ValueError(f"--profile records the last {PROFILE_STEPS} warm-up steps after at least 2 others: "
                          f"needs --warmup-steps >= {PROFILE_STEPS + 2}, got {warmup_steps}")
+
+
+def _profiler(warmup_steps: int) -> torch.profiler.profile:
+    """A profiler that records the warm-up steps ``warmup_steps − PROFILE_STEPS + 1 .. warmup_steps`` (1-based):
+    past compilation and autotuning, and outside the timed window, so profiling does not change the row."""
+    check_profile_warmup(warmup_steps)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -178,11 +184,9 @@ def _train_one(cfg: RunConfig, warmup_steps: int, profile_path: Path | None = No
     trainer = _TimedTrainer(cfg, prof)
     try:
         t_begin = time.perf_counter()
-        if prof is None:
+        with prof if prof is not None else contextlib.nullcontext():
             summary = trainer.train()
-        else:
-            with prof:
-                summary = trainer.train()
+        if prof is not None:
             profile_path.parent.mkdir(parents=True, exist_ok=True)
             profile_path.write_text(profile_tables(prof) + "\n")
         device, precision, world = trainer.device, trainer.precision, trainer.world
@@ -307,9 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.rank=1 model.use_gate=false")
     a = p.parse_intermixed_args(argv)
     impls = a.impl or list(IMPLS)
-    if a.profile and a.warmup_steps < PROFILE_STEPS + 2:
-        p.error(f"--profile records the last {PROFILE_STEPS} warm-up steps: needs --warmup-steps >= "
-                f"{PROFILE_STEPS + 2}, got {a.warmup_steps}")
+    if a.profile:
+        try:
+            check_profile_warmup(a.warmup_steps)
+        except ValueError as e:
+            p.error(str(e))
     try:
         configs = build_configs(a.config, impls, a.steps, a.warmup_steps, a.seq_len, a.micro_batch, a.overrides)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -157,6 +157,9 @@ class PlainEngine:
     def load(self, ckpt_dir: Path) -> dict[str, Any] | None:
         return load_plain(ckpt_dir, self.module, self.optimizer, self.scheduler)
 
+    def close(self) -> None:
+        """Nothing to release beyond the references the trainer drops."""
+
 
 class SequenceParallelMPU:
     """DeepSpeed's model-parallel unit for data × sequence parallelism, over the groups of a :class:`ParallelDims`.
@@ -269,8 +272,7 @@ class DeepSpeedEngine:
         """Free the model: ZeRO's gradient hooks sit on autograd nodes that reference the DeepSpeed optimizer from
         C++, out of reach of Python's cycle collector; without ``destroy()`` (which removes them) the model, its
         gradients and the optimizer states stay allocated after the engine is dropped."""
-        if hasattr(self.engine, "destroy"):
-            self.engine.destroy()
+        self.engine.destroy()
 
     def load(self, ckpt_dir: Path) -> dict[str, Any] | None:
         from .checkpoint import latest_tag

@@ -297,5 +297,5 @@ class Trainer:
     def close(self) -> None:
         """Release the engine and its memory (the process group is left to whoever created it)."""
         engine, self.engine = self.engine, None
-        if engine is not None and hasattr(engine, "close"):
+        if engine is not None:
             engine.close()
