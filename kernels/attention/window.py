@@ -45,9 +45,10 @@ def _dot_dtype(dtype: torch.dtype):
 # tiles in the dK/dV pass cut the re-reads of the band (a tile re-reads W + BLOCK rows of the other side); which size
 # wins depends on D and on register pressure, so it is measured, not guessed (benchmarks/results/attention_*.jsonl).
 _CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default the sm_90 compile test builds
-    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
-    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 2)],
+    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+            (64, 32, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (32, 128, 4, 5), (64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 2)],
 }
 
 
@@ -87,20 +88,24 @@ def _launch(kind: str, grid_rows: int, grid_rest: tuple[int, int], *args, **kw) 
         *args, **kw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **opts)
 
 
-def _delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
-    """``δ = Σ_d dO ⊙ O − ∂L/∂lse`` as [B, Tq, H] float32, by one fused pass over ``o`` and ``do`` [B, Tq, H, Dv]."""
-    o, do = o.contiguous(), do.contiguous()
-    dv = o.shape[-1]
-    n_rows = o.numel() // max(dv, 1)
-    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+def _row_stats(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+               dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(δ, lse₂)`` as head-major [B, H, Tq] float32: ``δ = Σ_d dO ⊙ O − ∂L/∂lse`` and ``lse₂ = lse · log2 e`` (0 where
+    lse = −inf), by one fused pass over ``o``, ``do`` [B, Tq, H, Dv] and ``lse`` [B, Tq, H]."""
+    o, do, lse = o.contiguous(), do.contiguous(), lse.contiguous()
+    B, Tq, H, dv = o.shape
+    n_rows = B * Tq * H
+    delta = torch.empty(B, H, Tq, dtype=torch.float32, device=o.device)
+    lse2 = torch.empty_like(delta)
     if n_rows == 0:
-        return delta
+        return delta, lse2
     block_dv = max(16, triton.next_power_of_2(dv))
     block_r = 16 if _interpreting() else max(1, min(128, 8192 // block_dv))
     dl = dlse.contiguous() if dlse is not None else delta
     window_sparse_attn_bwd_delta_kernel[(triton.cdiv(n_rows, block_r),)](
-        o, do, dl, delta, n_rows, dv, HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv)
-    return delta
+        o, do, lse, dl, delta, lse2, n_rows, Tq, H, dv, HAS_DLSE=dlse is not None, BLOCK_R=block_r,
+        BLOCK_DV=block_dv)
+    return delta, lse2
 
 
 def _prec(dtype: torch.dtype) -> str | None:
@@ -202,8 +207,7 @@ def window_attn_bwd(
     has_g = kg is not None and kg.shape[1] > 0
     kg_ = kg.contiguous() if has_g else k
     vg_ = vg.contiguous() if has_g else v
-    delta = _delta(o, do, dlse)
-    lse = lse.contiguous()
+    delta, lse2 = _row_stats(o, do, lse, dlse)
     window = min(window, INF_WINDOW)
     qk_scale = scale * 1.4426950408889634
     qpos, gpos = _pos(q_pos, q.device), _pos(g_pos if has_g else None, q.device)
@@ -214,7 +218,7 @@ def window_attn_bwd(
     dq = torch.empty((S, *q.shape), dtype=q.dtype if S == 1 else torch.float32, device=q.device)
     _launch(
         "dq", Tq, (B * H, S),
-        q, k, v, kg_, vg_, gpos, qpos, do, lse, delta, dq,
+        q, k, v, kg_, vg_, gpos, qpos, do, lse2, delta, dq,
         *_s3(q), *_s3(k), *_s3(v), *_s3(kg_), *_s3(vg_), *_s3(do), dq.stride(0),
         Tq, Tk, kg_.shape[1] if has_g else 0, H, H // Hkv, q_start, k_start, window, qk_scale, scale, split_len,
         D=D, DV=Dv, GATHERED=gathered, HAS_GLOBAL=has_g, PREC=prec, DT=_dot_dtype(q.dtype),
@@ -228,7 +232,7 @@ def window_attn_bwd(
         dv = torch.empty((S, *vv.shape), dtype=dtype, device=kk.device)
         _launch(
             "dkdv", kk.shape[1], (B * Hkv, S),
-            q, kk, vv, qpos, kpos, do, lse, delta, dk, dv,
+            q, kk, vv, qpos, kpos, do, lse2, delta, dk, dv,
             *_s3(q), *_s3(kk), *_s3(vv), *_s3(do), dk.stride(0), dv.stride(0),
             Tq, kk.shape[1], H, Hkv, H // Hkv, q_start, k_start, window, qk_scale, scale, split_len,
             D=D, DV=Dv, GATHERED=gathered, FAR=far, PREC=prec, DT=_dot_dtype(q.dtype),

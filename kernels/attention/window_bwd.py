@@ -11,7 +11,7 @@
 # With gathered queries (the global rows, W = ∞) every query row is visited and the mask keeps t ≥ s.
 # For global keys the O(T) query rows are split over a third grid axis (partial dK/dV per split, summed by the
 # launcher), otherwise G keys would leave most of the GPU idle while a few programs walk the whole sequence.
-#   p_ts = exp2(s·scale·log2 e − lse_t·log2 e),  dV += pᵀ dO,  dsᵀ = pᵀ ⊙ (V dOᵀ − δ),  dK += scale · dsᵀ Q
+#   p_ts = exp2(s·scale·log2 e − lse₂_t) (lse₂ = lse·log2 e, head-major, from the delta kernel),  dV += pᵀ dO,  dsᵀ = pᵀ ⊙ (V dOᵀ − δ),  dK += scale · dsᵀ Q
 # with δ_t = Σ dO_t ⊙ O_t − ∂L/∂lse_t as in the dQ pass (kernels/attention/window_fwd.py).
 """dK/dV Triton kernel of window + global-key attention (contiguous keys or gathered global keys)."""
 
@@ -20,16 +20,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .window_fwd import _band, _load_rows, _query_rows
+from .window_fwd import _band, _load_full, _load_rows, _query_rows
 
 __all__ = ["window_sparse_attn_bwd_delta_kernel", "window_sparse_attn_bwd_dkdv_kernel"]
 
 
 @triton.jit
-def window_sparse_attn_bwd_delta_kernel(O, DO, DLSE, DELTA, n_rows, DVD, HAS_DLSE: tl.constexpr,
+def window_sparse_attn_bwd_delta_kernel(O, DO, LSE, DLSE, DELTA, LSE2, n_rows, Tq, H, DVD, HAS_DLSE: tl.constexpr,
                                         BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """δ_r = Σ_d dO[r, d] · O[r, d] − ∂L/∂lse_r over the rows r of contiguous [rows, DVD] tensors, fp32 accumulation
-    in registers: one read of O and dO, none of the fp32 [B, T, H, Dv] copies a torch expression would allocate."""
+    """Per-row statistics of the backward, over the rows r = (b, t, h) of contiguous [B, Tq, H, DVD] tensors:
+    δ = Σ_d dO ⊙ O − ∂L/∂lse (fp32 accumulation in registers: one read of O and dO, no fp32 copies) and
+    lse₂ = lse · log2 e (0 for rows without keys, whose probabilities the mask zeroes anyway), both stored head-major
+    [B, H, Tq] so that the dQ and dK/dV passes read a block of rows as one contiguous vector."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_DV)
     ok = r < n_rows
@@ -40,7 +42,13 @@ def window_sparse_attn_bwd_delta_kernel(O, DO, DLSE, DELTA, n_rows, DVD, HAS_DLS
     delta = tl.sum(o * do, axis=1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + r, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + r, delta, mask=ok)
+    lse = tl.load(LSE + r, mask=ok, other=0.0)
+    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)
+    h = r % H
+    bt = r // H
+    dst = ((bt // Tq) * H + h) * Tq + bt % Tq
+    tl.store(DELTA + dst, delta, mask=ok)
+    tl.store(LSE2 + dst, lse2, mask=ok)
 
 
 @triton.jit
@@ -60,19 +68,24 @@ def _key_rows(KPOS, k_start, n0, Tk, BLOCK_N: tl.constexpr, FAR: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq, q_start, sqt, sdot,
+def _dkdv_step(q_base, do_base, LSE2, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq, q_start, sqt, sdot,
                window, qk_scale, offs_d, offs_dv, D, DVD, GATHERED: tl.constexpr,
                FAR: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr,
                BLOCK_M: tl.constexpr):
     """Add one block of BLOCK_M query rows (from ``i0``) to this key tile's dK, dV."""
     i, row_ok, t, _, _ = _query_rows(QPOS, q_start, i0, Tq, BLOCK_M, GATHERED)
-    row_ok = row_ok & (i < i_hi)
-    q = _load_rows(q_base, i, row_ok, sqt, offs_d, D, DT, EVEN)
-    do = _load_rows(do_base, i, row_ok, sdot, offs_dv, DVD, DT, EVEN)
-    row_off = (b64 * Tq + i) * H + h
-    lse = tl.load(LSE + row_off, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)
-    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    row_off = (b64 * H + h) * Tq + i  # head-major row statistics (delta kernel)
+    if MASK:
+        row_ok = row_ok & (i < i_hi)
+        q = _load_rows(q_base, i, row_ok, sqt, offs_d, D, DT, EVEN)
+        do = _load_rows(do_base, i, row_ok, sdot, offs_dv, DVD, DT, EVEN)
+        lse2 = tl.load(LSE2 + row_off, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    else:  # interior block: every row is in range
+        q = _load_full(q_base, i, sqt, offs_d, D, DT, EVEN)
+        do = _load_full(do_base, i, sdot, offs_dv, DVD, DT, EVEN)
+        lse2 = tl.load(LSE2 + row_off)
+        delta = tl.load(DELTA + row_off)
     sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
     pT = tl.exp2(sT - lse2[None, :])
     if MASK:
@@ -91,7 +104,7 @@ def _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_h
 
 @triton.jit
 def window_sparse_attn_bwd_dkdv_kernel(
-    Q, K, V, QPOS, KPOS, DO, LSE, DELTA, DK, DV,
+    Q, K, V, QPOS, KPOS, DO, LSE2, DELTA, DK, DV,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdk_split, sdv_split,
     Tq, Tk, H, HKV, REP, q_start, k_start, window, qk_scale, scale, split_len, D, DVD,
     GATHERED: tl.constexpr, FAR: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr,
@@ -133,15 +146,15 @@ def window_sparse_attn_bwd_dkdv_kernel(
         q_base = Q + b64 * sqb + h * sqh
         do_base = DO + b64 * sdob + h * sdoh
         for i0 in range(i_lo, mid_lo, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
+            dk, dv = _dkdv_step(q_base, do_base, LSE2, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
                                 q_start, sqt, sdot, window, qk_scale, offs_d, offs_dv, D, DVD, GATHERED, FAR, True,
                                 PREC, DT, EVEN, BLOCK_M)
         for i0 in range(mid_lo, mid_hi, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
+            dk, dv = _dkdv_step(q_base, do_base, LSE2, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
                                 q_start, sqt, sdot, window, qk_scale, offs_d, offs_dv, D, DVD, GATHERED, FAR, False,
                                 PREC, DT, EVEN, BLOCK_M)
         for i0 in range(mid_hi, i_hi, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, LSE, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
+            dk, dv = _dkdv_step(q_base, do_base, LSE2, DELTA, QPOS, k, v, s, k_ok, dk, dv, i0, i_hi, b64, h, H, Tq,
                                 q_start, sqt, sdot, window, qk_scale, offs_d, offs_dv, D, DVD, GATHERED, FAR, True,
                                 PREC, DT, EVEN, BLOCK_M)
 

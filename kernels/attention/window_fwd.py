@@ -12,7 +12,8 @@
 # that is fully masked for some rows leaves them untouched (exp2(−inf − m) = 0, α = 1) instead of producing NaN; a row
 # that read no key at all ends with l = 0 and gets o = 0, lse = −inf.
 #
-# dQ pass (FlashAttention-2 backward, query-centric half): p = exp2(s − lse·log2 e) recomputed from the stored lse,
+# dQ pass (FlashAttention-2 backward, query-centric half): p = exp2(s − lse·log2 e) recomputed from the stored lse
+# (read as lse₂ = lse·log2 e, head-major [B, H, Tq], from the delta kernel),
 # ds = p ⊙ (dO Vᵀ − δ) with δ_t = Σ dO_t ⊙ O_t − ∂L/∂lse_t (the lse term is how a merged partial result passes its
 # gradient back: ∂lse/∂s = p), dq = scale · ds K.
 """Forward and dQ Triton kernels of window + global-key attention over positioned queries."""
@@ -55,6 +56,17 @@ def _load_rows(ptr, rows, ok, stride_t, offs, n, DT: tl.constexpr, EVEN: tl.cons
 
 
 @triton.jit
+def _load_full(ptr, rows, stride_t, offs, n, DT: tl.constexpr, EVEN: tl.constexpr):
+    """Like :func:`_load_rows` for rows known to be in range (interior blocks): no row mask, so with EVEN no mask."""
+    ptrs = ptr + rows.to(tl.int64)[:, None] * stride_t + offs[None, :]
+    if EVEN:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=(offs < n)[None, :], other=0.0)
+    return x.to(DT)
+
+
+@triton.jit
 def _band(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """Blocks start at ``lo, lo + BLOCK, ...`` below ``hi``; return ``[mid_lo, mid_hi)``, the run of those starts whose
     whole block lies in ``[full_lo, full_hi)``: the blocks every row of the tile may read, which skip the mask."""
@@ -74,12 +86,14 @@ def _window_keys(t, k_start, j0, j_hi, row_ok, window, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    # raw scores: the scale (> 0) goes on the row maxima and into the exp2 argument as one FMA per score, instead of
+    # a separate multiply of the whole [BLOCK_M, BLOCK_N] tile (softmax, not the MMAs, bounds this loop on Hopper)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASK:
         s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
@@ -121,8 +135,8 @@ def window_sparse_attn_fwd_kernel(
         m_i, l_i, acc = _fwd_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC, True)
     for j0 in range(mid_lo, mid_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, j, j < j_hi, skt, offs_d, D, DT, EVEN)
-        v = _load_rows(v_base, j, j < j_hi, svt, offs_dv, DV, DT, EVEN)
+        k = _load_full(k_base, j, skt, offs_d, D, DT, EVEN)
+        v = _load_full(v_base, j, svt, offs_dv, DV, DT, EVEN)
         m_i, l_i, acc = _fwd_step(q, k, v, row_ok, m_i, l_i, acc, qk_scale, PREC, False)
     for j0 in range(mid_hi, j_hi, BLOCK_N):
         j, k_ok, allowed = _window_keys(t, k_start, j0, j_hi, row_ok, window, BLOCK_N)
@@ -165,7 +179,7 @@ def _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC: tl.constexpr
 
 @triton.jit
 def window_sparse_attn_bwd_dq_kernel(
-    Q, K, V, KG, VG, GPOS, QPOS, DO, LSE, DELTA, DQ,
+    Q, K, V, KG, VG, GPOS, QPOS, DO, LSE2, DELTA, DQ,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgkb, sgkt, sgkh, sgvb, sgvt, sgvh, sdob, sdot, sdoh, sdq_split,
     Tq, Tk, NG, H, REP, q_start, k_start, window, qk_scale, scale, split_len, D, DV,
     GATHERED: tl.constexpr, HAS_GLOBAL: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr,
@@ -182,9 +196,8 @@ def window_sparse_attn_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     q = _load_rows(Q + b64 * sqb + h * sqh, i, row_ok, sqt, offs_d, D, DT, EVEN)
     do = _load_rows(DO + b64 * sdob + h * sdoh, i, row_ok, sdot, offs_dv, DV, DT, EVEN)
-    row_off = (b64 * Tq + i) * H + h
-    lse = tl.load(LSE + row_off, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)  # empty rows: nothing is allowed anyway
+    row_off = (b64 * H + h) * Tq + i  # head-major row statistics (kernels/attention/window_bwd.py delta kernel)
+    lse2 = tl.load(LSE2 + row_off, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
@@ -201,8 +214,8 @@ def window_sparse_attn_bwd_dq_kernel(
         dq = _dq_step(q, do, k, v, allowed, lse2, delta, dq, qk_scale, PREC, True)
     for j0 in range(mid_lo, mid_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, j, j < j_hi, skt, offs_d, D, DT, EVEN)
-        v = _load_rows(v_base, j, j < j_hi, svt, offs_dv, DV, DT, EVEN)
+        k = _load_full(k_base, j, skt, offs_d, D, DT, EVEN)
+        v = _load_full(v_base, j, svt, offs_dv, DV, DT, EVEN)
         dq = _dq_step(q, do, k, v, row_ok, lse2, delta, dq, qk_scale, PREC, False)
     for j0 in range(mid_hi, j_hi, BLOCK_N):
         j, k_ok, allowed = _window_keys(t, k_start, j0, j_hi, row_ok, window, BLOCK_N)

@@ -56,7 +56,7 @@ from pflow_dist.kernels.attention.window_fwd import window_sparse_attn_bwd_dq_ke
 from pflow_dist.kernels.attention.window_fwd import window_sparse_attn_fwd_kernel as fwd
 
 def build(kern, elem, consts):
-    ptrs = {"Q", "K", "V", "KG", "VG", "O", "DO", "DQ", "DK", "GPOS", "QPOS", "KPOS", "LSE", "DELTA"}
+    ptrs = {"Q", "K", "V", "KG", "VG", "O", "DO", "DQ", "DK", "GPOS", "QPOS", "KPOS", "LSE", "LSE2", "DELTA"}
     if kern is dkdv:
         ptrs.add("DV")  # the dV pointer; in the forward kernels DV is the value head dim
     sig = {}
@@ -64,7 +64,7 @@ def build(kern, elem, consts):
         if n in consts:
             sig[n] = "constexpr"
         elif n in ptrs:
-            sig[n] = "*i32" if n.endswith("POS") else "*fp32" if n in ("LSE", "DELTA") else elem
+            sig[n] = "*i32" if n.endswith("POS") else "*fp32" if n in ("LSE", "LSE2", "DELTA") else elem
         else:
             sig[n] = "fp32" if n in ("qk_scale", "scale") else "i32"
     src = ASTSource(fn=kern, signature=sig, constexprs={(kern.arg_names.index(k),): v for k, v in consts.items()})
@@ -91,10 +91,10 @@ build(fwd, "*fp32", dict(config("fwd", window._CANDIDATES["fwd"][0], 48, "ieee",
 from pflow_dist.kernels.attention.window_bwd import window_sparse_attn_bwd_delta_kernel as delta
 for has in (False, True):
     opts.update(num_warps=4, num_stages=1)
-    src = ASTSource(fn=delta, signature=dict(O="*bf16", DO="*bf16", DLSE="*fp32", DELTA="*fp32", n_rows="i32",
-                                             DVD="i32", HAS_DLSE="constexpr", BLOCK_R="constexpr",
-                                             BLOCK_DV="constexpr"),
-                    constexprs={(6,): has, (7,): 64, (8,): 128})
+    src = ASTSource(fn=delta, signature=dict(O="*bf16", DO="*bf16", LSE="*fp32", DLSE="*fp32", DELTA="*fp32",
+                                             LSE2="*fp32", n_rows="i32", Tq="i32", H="i32", DVD="i32",
+                                             HAS_DLSE="constexpr", BLOCK_R="constexpr", BLOCK_DV="constexpr"),
+                    constexprs={(10,): has, (11,): 64, (12,): 128})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 print("compiled")
 '''
