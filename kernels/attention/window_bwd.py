@@ -11,7 +11,8 @@
 # With gathered queries (the global rows, W = ∞) every query row is visited and the mask keeps t ≥ s.
 # For global keys the O(T) query rows are split over a third grid axis (partial dK/dV per split, summed by the
 # launcher), otherwise G keys would leave most of the GPU idle while a few programs walk the whole sequence.
-#   p_ts = exp2(s·scale·log2 e − lse₂_t) (lse₂ = lse·log2 e, head-major, from the delta kernel),  dV += pᵀ dO,  dsᵀ = pᵀ ⊙ (V dOᵀ − δ),  dK += scale · dsᵀ Q
+#   p_ts = exp2(s·scale·log2 e − lse₂_t),  dV += pᵀ dO,  dsᵀ = pᵀ ⊙ (V dOᵀ − δ),  dK += scale · dsᵀ Q
+# (lse₂ = lse·log2 e, head-major, written by the delta kernel below)
 # with δ_t = Σ dO_t ⊙ O_t − ∂L/∂lse_t as in the dQ pass (kernels/attention/window_fwd.py).
 """dK/dV Triton kernel of window + global-key attention (contiguous keys or gathered global keys)."""
 
