@@ -40,6 +40,7 @@ def sp_flow(
     output_final_state: bool = False,
     chunk_size: int = 64,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sequence-parallel flow (generalised delta rule) over the ranks of ``group``.
 
@@ -50,16 +51,16 @@ def sp_flow(
         initial_state: the sequence's initial state ``[B, H, K, V]``, identical on every rank.
         output_final_state: return the state at the end of *this rank's* shard (on the last rank: the sequence's
             final state).
-        rank_form, scale, chunk_size, backend: as in :func:`pflow_dist.ops.flow.chunk_flow` (the local work is that
-            op: once for the shard's flow map, once from the incoming state).
+        rank_form, scale, chunk_size, backend, check_finite: as in :func:`pflow_dist.ops.flow.chunk_flow` (the local
+            work is that op: once for the shard's flow map, once from the incoming state; values checked once).
 
     Returns:
         ``(o [B, T_p, H, V], final_state [B, H, K, V] or None)``.
     """
-    M, D = flow_map(k, v, beta, g, rank_form, chunk_size=chunk_size, backend=backend)
+    M, D = flow_map(k, v, beta, g, rank_form, chunk_size=chunk_size, backend=backend, check_finite=check_finite)
     S_in = incoming_state(M, D, initial_state, group)
     o, S = chunk_flow(q, k, v, beta, g, rank_form, scale, S_in, output_final_state=True, chunk_size=chunk_size,
-                      backend=backend)
+                      backend=backend, check_finite=False)
     return o, (S if output_final_state else None)
 
 

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from ..kernels.common.checks import check_finite, check_tensor
+from ..kernels.common import checks
+from ..kernels.common.checks import check_tensor
 from ..kernels.flow.naive import _chunk_masks, _chunk_wy, naive_chunk_flow
 from ..kernels.flow.shapes import FlowDims, as_rank_r, check_flow_inputs
 
@@ -30,7 +31,7 @@ MAX_DIM = 256
 _TRITON_READY = True
 
 
-def _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend) -> FlowDims:
+def _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend, check_finite) -> FlowDims:
     d = check_flow_inputs(q, k, v, beta, g, initial_state, rank_form)
     if d.R > MAX_RANK:
         raise ValueError(f"rank R must be <= {MAX_RANK}, got R={d.R} (k has shape {list(k.shape)})")
@@ -38,9 +39,10 @@ def _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, bac
         raise ValueError(f"key dim K must be <= {MAX_DIM}, got K={d.K}")
     if d.V > MAX_DIM:
         raise ValueError(f"value dim V must be <= {MAX_DIM}, got V={d.V}")
-    check_finite("beta", beta)
-    if g is not None:
-        check_finite("g", g)
+    if check_finite:  # reads a count back to the host: one device sync per call
+        checks.check_finite("beta", beta)
+        if g is not None:
+            checks.check_finite("g", g)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -79,6 +81,7 @@ def chunk_flow(
     output_final_state: bool = False,
     chunk_size: int = 64,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Generalised delta rule (rank-1 DeltaNet, gated, rank-R sum or product form), chunked, differentiable.
 
@@ -101,13 +104,17 @@ def chunk_flow(
         backend: ``"triton"`` (the Triton kernels: CUDA tensors, or CPU with ``TRITON_INTERPRET=1``), ``"torch"``
             (the chunked WY form in plain torch, fp32 accumulation, torch autograd) or ``"auto"`` (triton on CUDA
             tensors, torch otherwise).
+        check_finite: raise on NaN/Inf in ``beta`` or ``g``. The check reads a count back to the host, one device
+            sync per call; models whose gates are finite by construction (sigmoid, softplus) pass False so that the
+            host can run ahead of the GPU.
 
     Returns:
         ``(o, final_state)``: ``o [B, T, H, V]`` in q's dtype; ``final_state [B, H, K, V]`` in float32 (float64 for
         float64 inputs) or ``None`` when ``output_final_state`` is False.
 
     Raises:
-        ValueError / TypeError: bad shapes, dtypes, devices, R > 8, K or V > 256, non-finite beta or g.
+        ValueError / TypeError: bad shapes, dtypes, devices, R > 8, K or V > 256, non-finite beta or g (when
+            check_finite).
 
     Example::
 
@@ -120,7 +127,7 @@ def chunk_flow(
         >>> o.shape, S.shape
         (torch.Size([1, 10, 2, 4]), torch.Size([1, 2, 8, 4]))
     """
-    d = _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend)
+    d = _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend, check_finite)
     be = _resolve_backend(backend, q.device)
     if be == "triton":
         from .flow_autograd import triton_chunk_flow  # noqa: PLC0415
@@ -168,6 +175,7 @@ def flow_map(
     rank_form: str = "sum",
     chunk_size: int = 64,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole sequence's affine flow: ``S_T = M S_0 + D`` for every initial state ``S_0``; differentiable.
 
@@ -175,7 +183,8 @@ def flow_map(
     state by ``(M, D)`` (compose with :func:`pflow_dist.kernels.common.affine.compose`).
 
     Args:
-        k, v, beta, g, rank_form, chunk_size, backend: as in :func:`chunk_flow` (k fixes B, T, H, R, K).
+        k, v, beta, g, rank_form, chunk_size, backend, check_finite: as in :func:`chunk_flow` (k fixes B, T, H, R,
+            K).
 
     Returns:
         ``(M [B, H, K, K], D [B, H, K, V])`` in float32 (float64 for float64 inputs): ``M = A_T ⋯ A_1`` and ``D`` the
@@ -191,7 +200,7 @@ def flow_map(
     """
     check_tensor("k", k, ndim=(4, 5), dims="[B, T, H, K] or [B, T, H, R, K]")
     q = k.new_empty(k.shape[:3] + (k.shape[-1],))  # only for the shared shape checks
-    d = _validate(q, k, v, beta, g, None, rank_form, None, chunk_size, backend)
+    d = _validate(q, k, v, beta, g, None, rank_form, None, chunk_size, backend, check_finite)
     be = _resolve_backend(backend, k.device)
     if be == "triton":
         from .flow_autograd import triton_flow_map  # noqa: PLC0415

@@ -166,6 +166,17 @@ def test_bad_inputs_raise_value_error(case, match):
         chunk_flow(**case(), backend="torch")
 
 
+def test_check_finite_off_skips_the_value_check():
+    # the models' path: no host sync, so NaN gates are not caught here and propagate to the output instead
+    x = _bad(beta=torch.full((1, 5, 1, 2), float("nan")))
+    o, _ = chunk_flow(**x, backend="torch", check_finite=False)
+    assert torch.isnan(o).any()
+    M, _ = flow_map(x["k"], x["v"], x["beta"], x["g"], backend="torch", check_finite=False)
+    assert torch.isnan(M).any()
+    with pytest.raises(ValueError, match="beta must be finite"):
+        flow_map(x["k"], x["v"], x["beta"], x["g"], backend="torch")
+
+
 def test_bad_options(device):
     x = {n: t.to(device) for n, t in _bad().items()}
     with pytest.raises(ValueError, match="rank_form must be one of"):
