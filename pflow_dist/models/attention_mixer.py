@@ -39,6 +39,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
+@torch.compiler.disable  # reads lengths back to the host
 def _shard_offset(T_local: int, group: Any, device: torch.device) -> int:
     """Position of this shard's first token: the sum of the lengths of the ranks before it (one tiny all-gather)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -116,11 +117,14 @@ class SparseAttentionMixer(nn.Module):
             cos, sin = rotary_tables(torch.arange(start, start + T, device=x.device), hd, self.rope_base,
                                      torch.promote_types(x.dtype, torch.float32))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if sp_group is None:
-            o = sparse_attention(q, k, v, self.window, n_global=min(self.n_global, T), backend=self.backend)
-        else:
-            from ..dist.sp_attention import sp_sparse_attention  # noqa: PLC0415 - models may use dist; lazily
+        return self.o_proj(self._attend(q, k, v, sp_group).reshape(B, T, H * hd))
 
-            o = sp_sparse_attention(q, k, v, window=self.window, n_global=self.n_global, group=sp_group,
+    @torch.compiler.disable  # the attention kernels (and the SP exchanges) stay eager inside a compiled block
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group: Any) -> torch.Tensor:
+        if sp_group is None:
+            return sparse_attention(q, k, v, self.window, n_global=min(self.n_global, q.shape[1]),
                                     backend=self.backend)
-        return self.o_proj(o.reshape(B, T, H * hd))
+        from ..dist.sp_attention import sp_sparse_attention  # noqa: PLC0415 - models may use dist; lazily
+
+        return sp_sparse_attention(q, k, v, window=self.window, n_global=self.n_global, group=sp_group,
+                                   backend=self.backend)

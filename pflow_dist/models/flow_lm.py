@@ -261,6 +261,7 @@ class FlowMixer(nn.Module):
             g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
         return beta, g
 
+    @torch.compiler.disable  # collectives: eager even when the block is compiled (FlowLM.compile_blocks)
     def _conv_halo(self, q, k, v, sp_group):
         """The ``conv_size − 1`` inputs of each short conv before this shard (zeros on the first rank): one
         differentiable exchange for q, k and v together."""
@@ -270,6 +271,7 @@ class FlowMixer(nn.Module):
         halo = halo_exchange(torch.cat([q, k, v], dim=-1), self.cfg.conv_size - 1, sp_group)
         return halo.split(sizes, dim=-1)
 
+    @torch.compiler.disable  # our Triton kernels (or fla's) run as they are; torch.compile fuses the glue around them
     def _flow(self, q, k, v, beta, g, sp_group):
         """The one call to the flow op: the single-device op, or its sequence-parallel form over ``sp_group``."""
         cfg = self.cfg
@@ -378,6 +380,18 @@ class FlowLM(nn.Module):
         for block in self.blocks:
             x = block(x, sp_group=sp_group)
         return self.lm_head(self.norm(x))
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` every block in place (``nn.Module.compile``), leaving the flow / attention ops and the
+        sequence-parallel exchanges eager (they are ``torch.compiler.disable``-d): the compiler fuses what lies
+        between them (norms, short convs, gates, L2 normalisation, SwiGLU), which otherwise costs thousands of small
+        kernel launches per step. Identical blocks share one compiled graph (parameters are graph inputs).
+
+        Args:
+            backend: a ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` for quick checks).
+        """
+        for block in self.blocks:
+            block.compile(backend=backend, dynamic=False)
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, sp_group: Any = None

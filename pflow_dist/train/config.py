@@ -121,6 +121,10 @@ class TrainConfig:
         progress: show a progress bar (rank 0 only).
         peak_tflops: accelerator peak for the MFU estimate (None: a table of known GPUs; unknown → no MFU).
         threads: ``torch.set_num_threads`` (0: leave torch's default).
+        compile: ``torch.compile`` each block (the flow / attention kernels stay as they are; see
+            :meth:`pflow_dist.models.flow_lm.FlowLM.compile_blocks`). Not with ZeRO-3, whose parameter gathering
+            hooks the compiler does not trace.
+        compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` compiles fast, fuses nothing).
     """
 
     steps: int = 1000
@@ -140,6 +144,8 @@ class TrainConfig:
     progress: bool = True
     peak_tflops: float | None = None
     threads: int = 0
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches"):
@@ -168,6 +174,9 @@ class RunConfig:
         if self.data.name == "text" and self.model.vocab_size < 256:
             raise ValueError(f"data.name='text' is byte-level: model.vocab_size must be >= 256, got "
                              f"{self.model.vocab_size}")
+        if self.train.compile and self.parallel.engine == "deepspeed" and self.parallel.zero_stage == 3:
+            raise ValueError("train.compile=true does not work with parallel.zero_stage=3 (ZeRO-3 gathers parameters "
+                             "in module hooks that torch.compile does not trace); use zero_stage <= 2 or compile=false")
         if self.data.seq_len < self.parallel.sp_size:
             raise ValueError(f"data.seq_len={self.data.seq_len} is shorter than parallel.sp_size="
                              f"{self.parallel.sp_size}: every sequence-parallel rank needs at least one token")

@@ -109,6 +109,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # same init on every rank
         self.data = build_data(cfg)
         model = FlowLM(cfg.model)
+        if t.compile:
+            model.compile_blocks(t.compile_backend)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.n_params = model.num_params(non_embedding=False)
         if cfg.parallel.engine == "deepspeed":
