@@ -4,7 +4,9 @@ Same inputs as ``bench gru`` (input size = hidden size nh, nn.GRU's init, x ~ N(
 - ``ours``: ``pflow_dist.ops.deer.deer_rnn(..., method="quasi")`` (diagonal Jacobian: look-back diagonal scan);
 - ``ours-newton``: ``method="newton"`` (structured dense Jacobian, chunked dense scan, n ≤ 64);
 - ``torch.nn.GRU``: cuDNN over contiguous chunks of 2^14 steps carrying the hidden state (DESIGN.md §10's "chunked":
-  2^16-step strided slices got CUDNN_STATUS_NOT_SUPPORTED on H100); gradients flow through the chunks.
+  2^16-step strided slices got CUDNN_STATUS_NOT_SUPPORTED on H100); gradients flow through the chunks;
+- ``deer-jax``: the method's own code (machine-discovery/deer ``seq1d``, JAX, full Jacobians), same GRU and inputs
+  (:mod:`pflow_dist.bench.deer_jax`; needs jax and the deer source).
 ``pflow-dist bench deer`` (and ``python -m pflow_dist.bench.deer``) add to every row (``finalize_rows``) the Newton
 iterations and the max abs error of each method against the sequential cuDNN result (TF32 off) on the same inputs.
 """
@@ -45,6 +47,18 @@ def _deer(method: str):
 
 
 
+def _jax(inp):
+    from .deer_jax import jax_deer_gru
+
+    return jax_deer_gru(inp["x"], inp["h0"], inp["weight_ih"], inp["weight_hh"], inp["bias_ih"], inp["bias_hh"])
+
+
+def _jax_unavailable(device: torch.device) -> str | None:
+    from .deer_jax import unavailable
+
+    return unavailable(device)
+
+
 def _cudnn(inp):
     x = inp["x"]
     module = _gru_module(x.shape[-1], x.device, x.dtype)
@@ -66,7 +80,8 @@ BENCH = Bench(
     description=__doc__.splitlines()[0],
     cases=_cases,
     make_inputs=_inputs,
-    impls=[Impl("ours", _deer("quasi")), Impl("ours-newton", _deer("newton")), Impl("torch.nn.GRU", _cudnn)],
+    impls=[Impl("ours", _deer("quasi")), Impl("ours-newton", _deer("newton")), Impl("torch.nn.GRU", _cudnn),
+           Impl("deer-jax", _jax, unavailable=_jax_unavailable, package="jax")],
     grad_inputs=("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh"),
     default_dtype=torch.float32,
     reference=_reference,
@@ -97,11 +112,24 @@ def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case])
                                                 None if seq is None else (h - seq).abs().max().item()}
                 except Exception as e:  # recorded, like a failing peer
                     stats[(case.name, impl)] = {"stats_error": f"{type(e).__name__}: {str(e)[:200]}"}
+            if _jax_unavailable(device) is None:
+                try:
+                    h = _jax(inp)[0]
+                    stats[(case.name, "deer-jax")] = {"max_abs_err_vs_sequential":
+                                                      None if seq is None else (h - seq).abs().max().item()}
+                except Exception as e:
+                    stats[(case.name, "deer-jax")] = {"stats_error": f"{type(e).__name__}: {str(e)[:200]}"}
         del inp, seq
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for row in rows:
         row.extra.update(stats.get((row.case, row.impl), {}))
+        if row.impl == "deer-jax":
+            # JAX allocates outside torch: its high-water mark over the whole process (JAX cannot reset it per case)
+            from .deer_jax import jax_peak_bytes
+
+            row.peak_mem_bytes = None
+            row.extra["jax_peak_bytes_process"] = jax_peak_bytes()
     return rows
 
 
