@@ -52,16 +52,17 @@ _CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the d
 }
 
 
-def _tuned(kernel, kind: str, key: list[str]):
+def _tuned(kernel, kind: str, key: list[str], restore: list[str] | None = None):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                for bm, bn, w, st in _CANDIDATES[kind]]
-    return triton.autotune(configs=configs, key=key)(kernel)
+    return triton.autotune(configs=configs, key=key, restore_value=restore)(kernel)
 
 
 _TUNED = {
     "fwd": _tuned(window_sparse_attn_fwd_kernel, "fwd", ["D", "DV", "GATHERED", "HAS_GLOBAL"]),
     "dq": _tuned(window_sparse_attn_bwd_dq_kernel, "dq", ["D", "DV", "GATHERED", "HAS_GLOBAL"]),
-    "dkdv": _tuned(window_sparse_attn_bwd_dkdv_kernel, "dkdv", ["D", "DVD", "GATHERED", "FAR"]),
+    # ACCUMULATE adds to DK/DV: the tuning runs must each start from the same values
+    "dkdv": _tuned(window_sparse_attn_bwd_dkdv_kernel, "dkdv", ["D", "DVD", "GATHERED", "FAR"], ["DK", "DV"]),
 }
 _RAW = {"fwd": window_sparse_attn_fwd_kernel, "dq": window_sparse_attn_bwd_dq_kernel,
         "dkdv": window_sparse_attn_bwd_dkdv_kernel}
@@ -88,10 +89,11 @@ def _launch(kind: str, grid_rows: int, grid_rest: tuple[int, int], *args, **kw) 
         *args, **kw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **opts)
 
 
-def _row_stats(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
-               dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_stats(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
+               drop_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(δ, lse₂)`` as head-major [B, H, Tq] float32: ``δ = Σ_d dO ⊙ O − ∂L/∂lse`` and ``lse₂ = lse · log2 e`` (0 where
-    lse = −inf), by one fused pass over ``o``, ``do`` [B, Tq, H, Dv] and ``lse`` [B, Tq, H]."""
+    lse = −inf), by one fused pass over ``o``, ``do`` [B, Tq, H, Dv] and ``lse`` [B, Tq, H]. Rows in ``drop_rows``
+    get lse₂ = +∞: their probabilities recompute as exactly 0, so they send no gradient anywhere."""
     o, do, lse = o.contiguous(), do.contiguous(), lse.contiguous()
     B, Tq, H, dv = o.shape
     n_rows = B * Tq * H
@@ -105,6 +107,8 @@ def _row_stats(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
     window_sparse_attn_bwd_delta_kernel[(triton.cdiv(n_rows, block_r),)](
         o, do, lse, dl, delta, lse2, n_rows, Tq, H, dv, HAS_DLSE=dlse is not None, BLOCK_R=block_r,
         BLOCK_DV=block_dv)
+    if drop_rows is not None:
+        lse2.index_fill_(2, drop_rows, float("inf"))
     return delta, lse2
 
 
@@ -195,8 +199,14 @@ def window_attn_bwd(
     vg: torch.Tensor | None = None,
     g_pos: torch.Tensor | None = None,
     scale: float,
+    drop_rows: torch.Tensor | None = None,
+    dkdv_into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward of :func:`window_attn_fwd` for the upstream gradients ``do`` (of o) and ``dlse`` (of lse, or None).
+
+    ``drop_rows`` (query rows, int64): rows whose output was replaced after the forward; they contribute nothing.
+    ``dkdv_into``: contiguous ``(dk, dv)`` of k's and v's shapes and dtypes to which the window keys' gradients are
+    added in place (and returned) instead of new tensors.
 
     Returns:
         ``(dq, dk, dv, dkg, dvg)`` in the inputs' dtypes (``dkg``/``dvg`` None without global keys).
@@ -207,7 +217,7 @@ def window_attn_bwd(
     has_g = kg is not None and kg.shape[1] > 0
     kg_ = kg.contiguous() if has_g else k
     vg_ = vg.contiguous() if has_g else v
-    delta, lse2 = _row_stats(o, do, lse, dlse)
+    delta, lse2 = _row_stats(o, do, lse, dlse, drop_rows)
     window = min(window, INF_WINDOW)
     qk_scale = scale * 1.4426950408889634
     qpos, gpos = _pos(q_pos, q.device), _pos(g_pos if has_g else None, q.device)
@@ -225,23 +235,29 @@ def window_attn_bwd(
     )
     dq = dq[0] if S == 1 else dq.sum(0).to(q.dtype)
 
-    def dkdv(kk, vv, kpos, far):
+    def dkdv(kk, vv, kpos, far, into=None):
         S, split_len = _splits(None if not far else kpos, Tq, False)  # split the O(T) queries of global keys
         dtype = kk.dtype if S == 1 else torch.float32
-        dk = torch.empty((S, *kk.shape), dtype=dtype, device=kk.device)
-        dv = torch.empty((S, *vv.shape), dtype=dtype, device=kk.device)
+        if into is not None:  # window keys are never split
+            dk, dv = (x.unsqueeze(0) for x in into)
+        else:
+            dk = torch.empty((S, *kk.shape), dtype=dtype, device=kk.device)
+            dv = torch.empty((S, *vv.shape), dtype=dtype, device=kk.device)
         _launch(
             "dkdv", kk.shape[1], (B * Hkv, S),
             q, kk, vv, qpos, kpos, do, lse2, delta, dk, dv,
             *_s3(q), *_s3(kk), *_s3(vv), *_s3(do), dk.stride(0), dv.stride(0),
             Tq, kk.shape[1], H, Hkv, H // Hkv, q_start, k_start, window, qk_scale, scale, split_len,
-            D=D, DV=Dv, GATHERED=gathered, FAR=far, PREC=prec, DT=_dot_dtype(q.dtype),
+            D=D, DV=Dv, GATHERED=gathered, FAR=far, PREC=prec, DT=_dot_dtype(q.dtype), ACCUMULATE=into is not None,
         )
         if S == 1:
             return dk[0], dv[0]
         return dk.sum(0).to(kk.dtype), dv.sum(0).to(vv.dtype)
 
-    dk, dv = dkdv(k, v, gpos, False)
+    if dkdv_into is not None and not (dkdv_into[0].shape == k.shape and dkdv_into[1].shape == v.shape
+                                      and all(x.is_contiguous() for x in dkdv_into)):
+        raise ValueError("dkdv_into must be contiguous tensors of k's and v's shapes")
+    dk, dv = dkdv(k, v, gpos, False, dkdv_into)
     dkg = dvg = None
     if has_g:
         dkg, dvg = dkdv(kg_, vg_, gpos, True)

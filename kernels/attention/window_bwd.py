@@ -109,8 +109,10 @@ def window_sparse_attn_bwd_dkdv_kernel(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdk_split, sdv_split,
     Tq, Tk, H, HKV, REP, q_start, k_start, window, qk_scale, scale, split_len, D, DVD,
     GATHERED: tl.constexpr, FAR: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, EVEN: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """ACCUMULATE: add to the dK/dV already in DK/DV (one split only) instead of overwriting them."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -160,7 +162,13 @@ def window_sparse_attn_bwd_dkdv_kernel(
                                 PREC, DT, EVEN, BLOCK_M)
 
     s64 = pid_s.to(tl.int64)
+    dk = dk * scale
     dk_ptr = DK + s64 * sdk_split + b64 * skb + hk * skh + j.to(tl.int64)[:, None] * skt + offs_d[None, :]
-    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & (offs_d < D)[None, :])
+    dk_mask = k_ok[:, None] & (offs_d < D)[None, :]
     dv_ptr = DV + s64 * sdv_split + b64 * svb + hk * svh + j.to(tl.int64)[:, None] * svt + offs_dv[None, :]
-    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & (offs_dv < DVD)[None, :])
+    dv_mask = k_ok[:, None] & (offs_dv < DVD)[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptr, mask=dk_mask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr, mask=dv_mask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=dv_mask)

@@ -7,10 +7,13 @@
 # window, plus global keys read only outside the window, returning o and the log-sum-exp), called twice:
 #   1. every row: window keys + the global keys (pairs with t − j ≥ W), O(T·(W + G));
 #   2. the G global rows: full causal rows (queries gathered by position, W = ∞), O(G·T);
-# and the global rows of (1) are replaced by (2). The two calls are independent differentiable functions composed by
-# index_copy (its backward sends a zero gradient to the overwritten rows of (1)), so forward and backward are exact
-# without a special case. The same block, with a key halo and partial global rows merged by log-sum-exp, is the
-# sequence-parallel op (pflow_dist/dist/sp_attention.py): lse is a differentiable output for that merge.
+# and the global rows of (1) are replaced by (2). On the plain-torch path the two calls are independent differentiable
+# functions composed by index_copy (its backward sends a zero gradient to the overwritten rows of (1)). On the Triton
+# path one autograd function does the same in place (_TritonSparseAttention: (2) written over (1) in one buffer; in
+# the backward the rows of (1) are dropped through their log-sum-exp and the key gradients of both calls and of the
+# global keys accumulate into one dK/dV), so no full-size copy or gather gradient is ever allocated. The same block,
+# with a key halo and partial global rows merged by log-sum-exp, is the sequence-parallel op
+# (pflow_dist/dist/sp_attention.py): lse is a differentiable output for that merge.
 """Public sparse-attention op ``sparse_attention`` and its building block ``window_attention``."""
 
 from __future__ import annotations
@@ -102,6 +105,46 @@ class _TritonWindowAttention(torch.autograd.Function):
         kw = dict(ctx.kw, kg=kg, vg=vg)
         dq, dk, dv, dkg, dvg = window_attn_bwd(q, k, v, o, lse, do, dlse, **kw)
         return dq, dk, dv, dkg, dvg, None, None, None, None, None, None
+
+
+class _TritonSparseAttention(torch.autograd.Function):
+    """The whole op on the Triton kernels, written into one output buffer: the window call, then the global rows
+    written over it in place; the backward drops those rows from the window call (lse₂ = +∞), adds the global keys'
+    and the global rows' key gradients into dK/dV in place, and scatters the global rows' dQ. Peak memory is the
+    inputs, O and the three gradients, as for a single attention call (no full-size copies from the gathers)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, window, scale):
+        from ..kernels.attention.window import window_attn_fwd  # noqa: PLC0415 - triton import on first use
+
+        has_g = g.numel() > 0
+        o, lse = window_attn_fwd(q, k, v, window=window, kg=k[:, g] if has_g else None,
+                                 vg=v[:, g] if has_g else None, g_pos=g if has_g else None, scale=scale)
+        lse_g = None
+        if has_g:
+            og, lse_g = window_attn_fwd(q[:, g], k, v, q_pos=g, window=INF_WINDOW, scale=scale)
+            o.index_copy_(1, g, og)
+        ctx.save_for_backward(q, k, v, o, lse, g, lse_g)
+        ctx.window, ctx.scale, ctx.has_g = window, scale, has_g
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ..kernels.attention.window import window_attn_bwd  # noqa: PLC0415
+
+        q, k, v, o, lse, g, lse_g = ctx.saved_tensors
+        do = do.contiguous()
+        if not ctx.has_g:
+            dq, dk, dv, _, _ = window_attn_bwd(q, k, v, o, lse, do, None, window=ctx.window, scale=ctx.scale)
+            return dq, dk, dv, None, None, None
+        dq, dk, dv, dkg, dvg = window_attn_bwd(q, k, v, o, lse, do, None, window=ctx.window, kg=k[:, g],
+                                               vg=v[:, g], g_pos=g, scale=ctx.scale, drop_rows=g)
+        dk.index_add_(1, g, dkg)
+        dv.index_add_(1, g, dvg)
+        dq_g, _, _, _, _ = window_attn_bwd(q[:, g], k, v, o[:, g], lse_g, do[:, g], None, q_pos=g,
+                                           window=INF_WINDOW, scale=ctx.scale, dkdv_into=(dk, dv))
+        dq.index_copy_(1, g, dq_g)  # the window call left these rows at zero (dropped)
+        return dq, dk, dv, None, None, None
 
 
 def _check_positions(name: str, pos: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
@@ -243,6 +286,9 @@ def sparse_attention(
         from ..kernels.attention.flex import flex_sparse_attention  # noqa: PLC0415
 
         return flex_sparse_attention(q, k, v, window, g, scale)
+    if be == "triton":
+        return _TritonSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), g,
+                                            min(window, INF_WINDOW), scale)
     has_g = g.numel() > 0
     # g is sorted, unique and in range (normalize_global_idx), the shapes checked: no re-validation (GPU syncs)
     o, _ = _window_attention(q, k, v, window, 0, None, 0, k[:, g] if has_g else None, v[:, g] if has_g else None,

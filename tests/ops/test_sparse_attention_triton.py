@@ -80,8 +80,9 @@ def config(kind, cand, d, prec, dt):
 # bf16, D = 128 (the largest tiles): every autotuning candidate of the main variants, the first for the others
 rows = [dict(GATHERED=False, HAS_GLOBAL=True), dict(GATHERED=True, HAS_GLOBAL=False)]
 for kind, kern, variants in (("fwd", fwd, rows), ("dq", dq, rows),
-                             ("dkdv", dkdv, [dict(GATHERED=False, FAR=False), dict(GATHERED=False, FAR=True),
-                                             dict(GATHERED=True, FAR=False)])):
+                             ("dkdv", dkdv, [dict(GATHERED=False, FAR=False, ACCUMULATE=False),
+                                             dict(GATHERED=False, FAR=True, ACCUMULATE=False),
+                                             dict(GATHERED=True, FAR=False, ACCUMULATE=True)])):
     for n, cand in enumerate(window._CANDIDATES[kind]):
         for var in variants if n == 0 else variants[:1]:
             build(kern, "*bf16", dict(config(kind, cand, 128, None, tl.bfloat16), **var))
@@ -112,3 +113,35 @@ def test_kernels_compile_for_hopper(tmp_path):
     res = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
                          text=True, timeout=240)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+class _FullSizeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the tensors of at least ``numel`` elements that ops create (views excluded)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count, self.ops = numel, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not (func.is_view or func._schema.is_mutable):  # new storage only (not views, not in-place ops)
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                    self.count += 1
+                    self.ops.append(str(func))
+        return out
+
+
+def test_triton_op_allocates_like_one_attention_call(device):
+    # o, dq, dk, dv and nothing else of the inputs' size: the global rows are written in place and their gradients
+    # accumulate in place (the composed-autograd version allocated about twice as many: index_copy's output and its
+    # gradient, the gathers' full-size gradients, a second dK/dV)
+    B, T, H, D, W = 1, 64, 2, 16, 16
+    q, k, v = (torch.randn(B, T, H, D, device=device, requires_grad=True) for _ in range(3))
+    do = torch.randn(B, T, H, D, device=device)
+    from pflow_dist.ops.sparse_attention import sparse_attention
+
+    with _FullSizeAllocations(q.numel()) as mode:
+        out = sparse_attention(q, k, v, W, global_idx=[0, 20, 50], backend="triton")
+        torch.autograd.grad(out, (q, k, v), do)
+    assert mode.count == 4, mode.ops
