@@ -205,7 +205,7 @@ def window_attn_bwd(
     """Backward of :func:`window_attn_fwd` for the upstream gradients ``do`` (of o) and ``dlse`` (of lse, or None).
 
     ``drop_rows`` (query rows, int64): rows whose output was replaced after the forward; they contribute nothing.
-    ``dkdv_into``: contiguous ``(dk, dv)`` of k's and v's shapes and dtypes to which the window keys' gradients are
+    ``dkdv_into``: contiguous ``(dk, dv)`` of k's and v's shapes to which the window keys' gradients are
     added in place (and returned) instead of new tensors.
 
     Returns:

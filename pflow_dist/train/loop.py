@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -200,6 +201,11 @@ class Trainer:
         try:
             while self.step < stop:
                 loss = self.train_step()
+                if not math.isfinite(loss):  # the value is on the host already: the check costs nothing
+                    raise FloatingPointError(
+                        f"the training loss became {loss} at step {self.step + 1}; stopping instead of training on "
+                        f"NaN/Inf. Lower optim.lr or raise optim.warmup_steps, keep optim.grad_clip on, and resume "
+                        f"from the last checkpoint" + (f" in {t.ckpt_dir}" if t.ckpt_dir else ""))
                 self.step += 1
                 steps_window += 1
                 if self.device.type == "cuda" and (self.step % max(1, t.log_every or 10) == 0):

@@ -109,3 +109,12 @@ def test_compiled_blocks_follow_the_eager_loss_curve(backend: str) -> None:
 def test_compile_with_zero3_is_refused() -> None:
     with pytest.raises(ValueError, match="zero_stage=3"):
         load_config(None, ["parallel.engine=deepspeed", "parallel.zero_stage=3", "train.compile=true"])
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_error() -> None:
+    trainer = Trainer(load_config(None, TINY + ["train.steps=3"]))
+    with torch.no_grad():
+        trainer.engine.module.blocks[0].mlp.down.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
+        trainer.train()
+    assert trainer.step == 0
