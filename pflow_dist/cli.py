@@ -137,6 +137,10 @@ def scale(
     device: Annotated[str | None, typer.Option(help="cpu (gloo processes) or cuda (one GPU per rank, NCCL).")] = None,
     warmup: Annotated[int, typer.Option(min=0)] = 1,
     rep: Annotated[int, typer.Option(min=1)] = 3,
+    impl: Annotated[list[str] | None, typer.Option(help="ours and/or fla-cp (fla's context parallelism; CUDA, "
+                                                         "bf16, --gated, B=1), repeatable.")] = None,
+    gated: Annotated[bool, typer.Option("--gated", help="The gated delta rule (per-token log-decay).")] = False,
+    passes: Annotated[str, typer.Option(help="fwd+bwd or fwd.")] = "fwd+bwd",
     out_dir: Annotated[Path, typer.Option(help="Where the JSONL, PNG and Markdown table go.")] = Path("runs/scale"),
 ) -> None:
     """Weak or strong scaling of the sequence-parallel flow layer (fwd+bwd) over ranks: JSONL, plot, table."""
@@ -152,13 +156,13 @@ def scale(
         sizes = tuple(int(p) for p in world.split(","))
         cfg = ScaleConfig(mode=mode, world_sizes=sizes, tokens=tokens, batch=batch, heads=heads, dim=dim,
                           dtype=_DTYPES[dtype], device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                          warmup=warmup, rep=rep)
+                          warmup=warmup, rep=rep, impls=tuple(impl or ["ours"]), gated=gated, passes=passes)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{mode} scaling", total=len(sizes))
+        task = progress.add_task(f"{mode} scaling", total=len(sizes) * len(cfg.impls))
         rows = run_scaling(cfg, on_point=lambda r: progress.advance(task))
-    stem = out_dir / f"{mode}-T{tokens}-H{heads}-D{dim}-{cfg.device}"
+    stem = out_dir / f"{mode}-T{tokens}-H{heads}-D{dim}{'-gated' if gated else ''}-{cfg.device}"
     table = markdown_table(rows)
     write_jsonl(rows, stem.with_suffix(".jsonl"))
     stem.with_suffix(".md").write_text(table + "\n")

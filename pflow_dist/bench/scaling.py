@@ -2,9 +2,17 @@
 
 Weak scaling keeps the tokens per rank fixed (T = tokens · P, ideal: constant step time); strong scaling keeps the
 sequence fixed (T = tokens, ideal: time ∝ 1/P). Every world size runs in its own group of real processes (gloo on CPU,
-NCCL on GPUs, one GPU per rank); each rank times fwd+bwd of the layer on its shard, and the slowest rank's median is the
-step time. Rows are :class:`~pflow_dist.bench.harness.BenchRow` with ``bench = "scale-weak" | "scale-strong"`` and the
-scaling metrics in ``extra``: ``world_size, tokens, tokens_per_s, tokens_per_s_per_rank, efficiency, comm_bytes``.
+NCCL on GPUs, one GPU per rank); each rank times fwd+bwd (or fwd) of the layer on its shard, and the slowest rank's
+median is the step time. Rows are :class:`~pflow_dist.bench.harness.BenchRow` with ``bench = "scale-weak" |
+"scale-strong"`` and the scaling metrics in ``extra``: ``world_size, tokens, tokens_per_s, tokens_per_s_per_rank,
+efficiency, comm_bytes``.
+
+Implementations (``impls``), each swept over the same world sizes and inputs:
+- ``ours``: :func:`pflow_dist.dist.sp_flow` (the delta rule; gated with ``gated=True``);
+- ``fla-cp``: fla's context parallelism, ``chunk_gated_delta_rule(..., cp_context=build_cp_context(...))`` (fla.ops.cp;
+  CUDA, half precision, B = 1, the gated rule, a sequence divisible by every world size; on one rank fla runs without
+  a context). A world size where an implementation fails gets a row with ``status = "error"`` and the reason (fla's
+  gated backward refuses to run with Triton 3.6 on Hopper: ``passes="fwd"`` still compares the forward).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from .harness import BenchRow, command_line, device_name, versions
 __all__ = ["ScaleConfig", "comm_bytes_flow", "markdown_table", "plot", "run_scaling"]
 
 MODES = ("weak", "strong")
+IMPLS = ("ours", "fla-cp")
+PASSES = ("fwd+bwd", "fwd")
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,19 @@ class ScaleConfig:
     rep: int = 3
     chunk_size: int = 64
     backend: str = "auto"
+    impls: tuple[str, ...] = ("ours",)
+    gated: bool = False
+    passes: str = "fwd+bwd"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.impls or any(i not in IMPLS for i in self.impls):
+            raise ValueError(f"impls must be a non-empty subset of {IMPLS}, got {self.impls}")
+        if self.passes not in PASSES:
+            raise ValueError(f"passes must be one of {PASSES}, got {self.passes!r}")
+        if "fla-cp" in self.impls:
+            self._check_fla_cp()
         if not self.world_sizes or any(p < 1 for p in self.world_sizes):
             raise ValueError(f"world_sizes must be positive, got {self.world_sizes}")
         if self.device not in ("cpu", "cuda"):
@@ -58,6 +77,22 @@ class ScaleConfig:
             raise ValueError(f"strong scaling of {self.tokens} tokens cannot use {max(self.world_sizes)} ranks")
         if min(self.tokens, self.batch, self.heads, self.dim, self.warmup + 1, self.rep) < 1:
             raise ValueError(f"tokens, batch, heads, dim and rep must be >= 1 (warmup >= 0), got {self}")
+
+    def _check_fla_cp(self) -> None:
+        why = []
+        if self.device != "cuda":
+            why.append("CUDA GPUs (its kernels and affine chains are Triton on NVIDIA)")
+        if self.dtype not in ("bfloat16", "float16"):
+            why.append(f"bf16/fp16 inputs (got {self.dtype})")
+        if self.batch != 1:
+            why.append(f"batch 1 (it packs sequences with cu_seqlens; got {self.batch})")
+        if not self.gated:
+            why.append("gated=True (fla's CP covers chunk_gated_delta_rule; ours then runs the same gated rule)")
+        bad = [p for p in self.world_sizes if self.total_tokens(p) % p]
+        if bad:
+            why.append(f"a sequence divisible by every world size (not by {bad})")
+        if why:
+            raise ValueError("impl 'fla-cp' needs " + "; ".join(why))
 
     def total_tokens(self, world: int) -> int:
         return self.tokens * world if self.mode == "weak" else self.tokens
@@ -75,9 +110,26 @@ def comm_bytes_flow(cfg: ScaleConfig, world: int) -> int:
     return int(gather + reduce)
 
 
-def _worker(rank: int, world: int, cfg: ScaleConfig) -> dict:
-    from ..dist import sp_flow  # imported in the child: the parent need not import the ops
+def _layer(cfg: ScaleConfig, impl: str, world: int, device: torch.device) -> Callable[..., torch.Tensor]:
+    """``f(q, k, v, beta, g) -> o`` on this rank's shard for ``impl`` (imported in the child process)."""
+    if impl == "ours":
+        from ..dist import sp_flow  # noqa: PLC0415
 
+        return lambda q, k, v, beta, g: sp_flow(q, k, v, beta, g, group=dist.group.WORLD, chunk_size=cfg.chunk_size,
+                                                backend=cfg.backend, check_finite=False)[0]
+    from fla.ops.cp import build_cp_context  # noqa: PLC0415 - the peer, on the GPU image
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: PLC0415
+
+    T = cfg.total_tokens(world)
+    ctx = None
+    if world > 1:
+        cu = torch.tensor([0, T], dtype=torch.long)
+        ctx = build_cp_context(cu.to(device), group=dist.group.WORLD, cu_seqlens_cpu=cu)
+    return lambda q, k, v, beta, g: chunk_gated_delta_rule(q, k, v, g, beta, cp_context=ctx,
+                                                           chunk_size=cfg.chunk_size)[0]
+
+
+def _worker(rank: int, world: int, cfg: ScaleConfig, impl: str = "ours") -> dict:
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -89,12 +141,17 @@ def _worker(rank: int, world: int, cfg: ScaleConfig) -> dict:
     q, v = mk(B, T_local, H, D), mk(B, T_local, H, D)
     k = F.normalize(mk(B, T_local, H, D).float(), dim=-1).to(dtype)
     beta = torch.rand(B, T_local, H, generator=gen).to(device=device, dtype=dtype)
+    g = F.logsigmoid(torch.randn(B, T_local, H, generator=gen) + 4).to(device) if cfg.gated else None  # fp32, ≤ 0
     leaves = [x.requires_grad_(True) for x in (q, k, v, beta)]
     do = mk(B, T_local, H, D)
+    layer = _layer(cfg, impl, world, device)
 
     def step() -> None:
-        o, _ = sp_flow(*leaves, group=dist.group.WORLD, chunk_size=cfg.chunk_size, backend=cfg.backend)
-        torch.autograd.grad(o, leaves, do)
+        if cfg.passes == "fwd":
+            with torch.no_grad():
+                layer(*leaves, g)
+        else:
+            torch.autograd.grad(layer(*leaves, g), leaves, do)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -129,38 +186,55 @@ def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = 
     rows: list[BenchRow] = []
     backend = "nccl" if cfg.device == "cuda" else "gloo"
     vers, cmd = versions(), command_line()
-    for world in sorted(cfg.world_sizes):
-        res = run_distributed(_worker, world, cfg, backend=backend, timeout_s=1800, collective_timeout_s=600)[0]
-        T = cfg.total_tokens(world)
-        tok_s = cfg.batch * T / res["seconds"]
-        row = BenchRow(
-            bench=f"scale-{cfg.mode}", case=f"P{world}-T{T}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}", mode="fwd+bwd",
-            impl="ours", device=res["device"], dtype=cfg.dtype,
-            shapes={"q_local": [cfg.batch, T // world, cfg.heads, cfg.dim]}, median_ms=res["seconds"] * 1e3,
-            p20_ms=None, p80_ms=None, n_rep=cfg.rep,
-            peak_mem_bytes=res["peak_mem_bytes"] if res["peak_mem_bytes"] >= 0 else None, versions=vers, command=cmd,
-            extra={"world_size": world, "tokens": T, "tokens_per_s": tok_s, "tokens_per_s_per_rank": tok_s / world,
-                   "comm_bytes": comm_bytes_flow(cfg, world), "config": asdict(cfg)},
-        )
-        base = rows[0] if rows else row
-        p0, t0 = base.extra["world_size"], base.median_ms
-        ideal = t0 if cfg.mode == "weak" else t0 * p0 / world
-        row.extra["efficiency"] = ideal / row.median_ms
-        rows.append(row)
-        if on_point is not None:
-            on_point(row)
+    for impl in cfg.impls:
+        base: BenchRow | None = None  # efficiency is relative to this implementation's smallest world size
+        for world in sorted(cfg.world_sizes):
+            T = cfg.total_tokens(world)
+            row = BenchRow(
+                bench=f"scale-{cfg.mode}", case=f"P{world}-T{T}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}"
+                + ("-gated" if cfg.gated else ""), mode=cfg.passes, impl=impl, device="", dtype=cfg.dtype,
+                shapes={"q_local": [cfg.batch, T // world, cfg.heads, cfg.dim]}, median_ms=None, p20_ms=None,
+                p80_ms=None, n_rep=cfg.rep, peak_mem_bytes=None, versions=vers, command=cmd,
+                extra={"world_size": world, "tokens": T, "config": asdict(cfg),
+                       "comm_bytes": comm_bytes_flow(cfg, world) if impl == "ours" else None},
+            )
+            try:
+                res = run_distributed(_worker, world, cfg, impl, backend=backend, timeout_s=1800,
+                                      collective_timeout_s=600)[0]
+            except Exception as e:  # a peer that refuses (or runs out of memory) is a result, not a crash
+                if impl == "ours" and base is None:  # ours failing where it has never run is a bug: surface it
+                    raise
+                row.status, row.error = "error", f"{type(e).__name__}: {str(e)[-500:]}"
+                row.device = device_name(torch.device(cfg.device))
+            else:
+                tok_s = cfg.batch * T / res["seconds"]
+                row.device, row.median_ms = res["device"], res["seconds"] * 1e3
+                row.peak_mem_bytes = res["peak_mem_bytes"] if res["peak_mem_bytes"] >= 0 else None
+                row.extra.update(tokens_per_s=tok_s, tokens_per_s_per_rank=tok_s / world)
+                base = base or row
+                p0, t0 = base.extra["world_size"], base.median_ms
+                ideal = t0 if cfg.mode == "weak" else t0 * p0 / world
+                row.extra["efficiency"] = ideal / row.median_ms
+            rows.append(row)
+            if on_point is not None:
+                on_point(row)
     return rows
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
-    """A Markdown table of a sweep (one line per world size)."""
-    lines = ["| ranks | tokens | step ms | tokens/s | tokens/s/rank | efficiency | peak MiB/rank | comm bytes/rank |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """A Markdown table of a sweep (one line per implementation and world size; failed points show the error)."""
+    lines = ["| impl | ranks | tokens | step ms | tokens/s | tokens/s/rank | efficiency | peak MiB/rank | "
+             "comm bytes/rank |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         e = r.extra
+        if r.status != "ok":
+            lines.append(f"| {r.impl} | {e['world_size']} | {e['tokens']} | {r.status}: {(r.error or '')[:80]} "
+                         f"| | | | | |")
+            continue
         mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.0f}"
-        lines.append(f"| {e['world_size']} | {e['tokens']} | {r.median_ms:.2f} | {e['tokens_per_s']:.3g} | "
-                     f"{e['tokens_per_s_per_rank']:.3g} | {e['efficiency']:.0%} | {mem} | {e['comm_bytes']} |")
+        comm = "-" if e["comm_bytes"] is None else e["comm_bytes"]
+        lines.append(f"| {r.impl} | {e['world_size']} | {e['tokens']} | {r.median_ms:.2f} | {e['tokens_per_s']:.3g} | "
+                     f"{e['tokens_per_s_per_rank']:.3g} | {e['efficiency']:.0%} | {mem} | {comm} |")
     return "\n".join(lines)
 
 
@@ -171,18 +245,24 @@ def plot(rows: Sequence[BenchRow], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    P = [r.extra["world_size"] for r in rows]
-    tps = [r.extra["tokens_per_s"] for r in rows]
     mode = rows[0].bench.removeprefix("scale-")
-    ideal = [tps[0] * p / P[0] for p in P] if mode in ("weak", "strong") else tps
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(P, tps, "o-", label="measured")
-    ax1.plot(P, ideal, "k--", label="ideal")
+    P: list[int] = []
+    for impl in dict.fromkeys(r.impl for r in rows):
+        ok = [r for r in rows if r.impl == impl and r.status == "ok"]
+        if not ok:
+            continue
+        P = sorted(set(P) | {r.extra["world_size"] for r in ok})
+        p = [r.extra["world_size"] for r in ok]
+        tps = [r.extra["tokens_per_s"] for r in ok]
+        (line,) = ax1.plot(p, tps, "o-", label=impl)
+        ax1.plot(p, [tps[0] * x / p[0] for x in p], "--", color=line.get_color(), alpha=0.5, label=f"{impl} ideal")
+        ax2.plot(p, [100 * r.extra["efficiency"] for r in ok], "o-", color=line.get_color(), label=impl)
     ax1.set(xscale="log", yscale="log", xlabel="ranks", ylabel="tokens/s", title=f"{mode} scaling, {rows[0].device}")
     ax1.set_xticks(P, [str(p) for p in P])
     ax1.legend()
-    ax2.plot(P, [100 * r.extra["efficiency"] for r in rows], "o-")
     ax2.axhline(100, color="k", ls="--")
+    ax2.legend()
     ax2.set(xscale="log", xlabel="ranks", ylabel="efficiency %", ylim=(0, 110), title=rows[0].case.split("-", 1)[1])
     ax2.set_xticks(P, [str(p) for p in P])
     fig.tight_layout()

@@ -1,6 +1,8 @@
 """pflow-dist scale on CPU: real gloo process groups per world size, rows with the scaling metrics, the efficiency
 definitions, the Markdown table, the plot, and config validation."""
 
+import dataclasses
+
 import pytest
 from typer.testing import CliRunner
 
@@ -24,7 +26,7 @@ def test_sweep_rows_and_efficiency(mode, tmp_path):
     assert rows[1].extra["tokens_per_s"] == pytest.approx(rows[1].extra["tokens"] / (t2 / 1e3))
     assert rows[0].extra["comm_bytes"] == 0 < rows[1].extra["comm_bytes"]
     table = markdown_table(rows)
-    assert table.count("\n") == 3 and "| 2 |" in table
+    assert table.count("\n") == 3 and "| ours | 2 |" in table
     assert plot(rows, tmp_path / "p.png").stat().st_size > 1000
 
 
@@ -38,6 +40,10 @@ def test_comm_bytes_grow_with_ranks():
     (dict(world_sizes=(0, 1)), "world_sizes must be positive"),
     (dict(mode="strong", tokens=2, world_sizes=(1, 4)), "cannot use 4 ranks"),
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
+    (dict(impls=("ours", "mamba")), "impls must be a non-empty subset"),
+    (dict(passes="bwd"), "passes must be one of"),
+    (dict(impls=("fla-cp",), mode="strong", batch=2, tokens=33, world_sizes=(1, 2)),
+     "fla-cp' needs CUDA GPUs.*bf16/fp16.*batch 1.*gated=True.*not by \\[2\\]"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -54,3 +60,19 @@ def test_cli_writes_jsonl_table_and_plot(tmp_path):
     assert stem.with_suffix(".png").exists() and "efficiency" in stem.with_suffix(".md").read_text()
     res = CliRunner().invoke(app, ["scale", "--world", "1,x"])
     assert res.exit_code != 0
+    res = CliRunner().invoke(app, ["scale", "--impl", "fla-cp", "--device", "cpu"])
+    assert res.exit_code != 0 and "needs CUDA GPUs" in res.output
+
+
+def test_gated_forward_sweep_and_error_rows_in_the_table(tmp_path):
+    cfg = ScaleConfig(mode="weak", world_sizes=(1, 2), tokens=40, heads=1, dim=8, warmup=0, rep=1, chunk_size=16,
+                      gated=True, passes="fwd")
+    rows = run_scaling(cfg)
+    assert [r.mode for r in rows] == ["fwd", "fwd"] and all(r.case.endswith("-gated") for r in rows)
+    assert all(r.status == "ok" and r.extra["tokens_per_s"] > 0 for r in rows)
+    # a peer that refused at one world size: its row carries the reason, the table and the plot skip its numbers
+    failed = dataclasses.replace(rows[1], impl="fla-cp", status="error", error="RuntimeError: refused", median_ms=None,
+                                 extra={k: v for k, v in rows[1].extra.items() if k in ("world_size", "tokens")})
+    table = markdown_table([*rows, failed])
+    assert "| fla-cp | 2 | 80 | error: RuntimeError: refused" in table
+    assert plot([*rows, failed], tmp_path / "p.png").stat().st_size > 1000
