@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -117,9 +118,15 @@ def _prec(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+@functools.cache
+def _no_positions(device: torch.device) -> torch.Tensor:
+    """A placeholder position pointer for kernels whose flags never read it (one per device, never written)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _pos(x: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     if x is None:
-        return torch.zeros(1, dtype=torch.int32, device=device)
+        return _no_positions(device)
     return x.to(device=device, dtype=torch.int32).contiguous()
 
 
