@@ -30,6 +30,9 @@ import torch
 
 __all__ = ["jax_deer_gru", "jax_peak_bytes", "load_seq1d", "unavailable"]
 
+# before JAX starts (it reads this once): allocate on demand, so that torch and JAX share the GPU
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 
 def unavailable(device: torch.device) -> str | None:
     """Why the JAX peer cannot run here (``None`` when it can)."""
@@ -50,7 +53,6 @@ def load_seq1d() -> Callable:
     why = unavailable(torch.device("cpu"))
     if why:
         raise RuntimeError(why)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch's allocator
     if "deer" not in sys.modules:  # the package object with its path and spec, its __init__ not executed
         sys.modules["deer"] = importlib.util.module_from_spec(importlib.util.find_spec("deer"))
     from deer.fseq1d import seq1d  # noqa: PLC0415
@@ -103,13 +105,14 @@ def _to_torch(a: Any) -> torch.Tensor:
 class _JaxDeerGRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
+        solve = _solver()  # loads the deer code (and JAX) first
         import jax  # noqa: PLC0415
 
         args = [_to_jax(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
         if any(ctx.needs_input_grad):
-            h, ctx.vjp = jax.vjp(_solver(), *args)
+            h, ctx.vjp = jax.vjp(solve, *args)
         else:
-            h = _solver()(*args)
+            h = solve(*args)
         return _to_torch(h)
 
     @staticmethod
