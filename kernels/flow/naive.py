@@ -161,14 +161,43 @@ def _chunk_rows(k, v, beta, gl, sl: slice):
     return kc, vc, bc, G_tok, G_tok.repeat_interleave(R, dim=-1)
 
 
-def _chunk_wy(kc, vc, bc, Gc, coupling):
-    """W, U of one chunk. ``kc [B,H,n,K]``, ``vc [B,H,n,V]``, ``bc [B,H,n]``, ``Gc [B,H,n]`` (row-wise cumsum)."""
+WY_METHODS = ("inverse", "sigdelta")
+
+
+def _sigdelta_solve(A: torch.Tensor, Y: torch.Tensor, group: int) -> torch.Tensor:
+    """``(I + A)⁻¹ Y`` for ``A [..., n, n]`` strictly lower by blocks of ``group`` rows, by the grid recursion of
+    ParallelFlow's signature-inspired algorithm (Cirone & Salvi 2025, Thm 3.5, "sigDelta"), no inverse formed.
+
+    Grid cell (m, j) holds row j pushed through the blocks before m: ``X(m+1, j) = X(m, j) − A[j, m] X(m, m)``
+    (the 2-D recursion of the paper summed over its increments). Block m is final after m steps and every later row
+    advances together, so the depth is the number of blocks (C tokens in the sum form, C·R rows in the product
+    form) and the work O(n² (K + V)), with no triangular solve.
+    """
+    n = A.shape[-1]
+    done, pending = [], Y
+    for r0 in range(0, n, group):
+        r1 = min(r0 + group, n)
+        block = pending[..., : r1 - r0, :]  # final: nothing earlier is left to push into it
+        done.append(block)
+        if r1 < n:
+            pending = pending[..., r1 - r0:, :] - A[..., r1:, r0:r1] @ block
+    return torch.cat(done, dim=-2)
+
+
+def _chunk_wy(kc, vc, bc, Gc, coupling, method: str = "inverse", group: int = 1):
+    """W, U of one chunk. ``kc [B,H,n,K]``, ``vc [B,H,n,V]``, ``bc [B,H,n]``, ``Gc [B,H,n]`` (row-wise cumsum).
+    ``method``: ``"inverse"`` (triangular solve: the tensorInv form the kernels use) or ``"sigdelta"`` (the grid
+    recursion of :func:`_sigdelta_solve` over blocks of ``group`` mutually uncoupled rows)."""
     n = kc.shape[2]
     decay = torch.exp(Gc[..., :, None] - Gc[..., None, :]).masked_fill(~coupling, 0.0)
     A = bc[..., None] * (kc @ kc.transpose(-1, -2)) * decay
+    rhs_w, rhs_u = bc[..., None] * torch.exp(Gc)[..., None] * kc, bc[..., None] * vc
+    if method == "sigdelta":
+        X = _sigdelta_solve(A, torch.cat([rhs_w, rhs_u], dim=-1), group)
+        return X[..., : kc.shape[-1]], X[..., kc.shape[-1]:]
     I_plus_A = A + torch.eye(n, dtype=A.dtype, device=A.device)
-    W = torch.linalg.solve_triangular(I_plus_A, bc[..., None] * torch.exp(Gc)[..., None] * kc, upper=False)
-    U = torch.linalg.solve_triangular(I_plus_A, bc[..., None] * vc, upper=False)
+    W = torch.linalg.solve_triangular(I_plus_A, rhs_w, upper=False)
+    U = torch.linalg.solve_triangular(I_plus_A, rhs_u, upper=False)
     return W, U
 
 
@@ -185,6 +214,7 @@ def naive_chunk_flow(
     chunk_size: int = 16,
     return_chunk_maps: bool = False,
     acc_dtype: torch.dtype = _F64,
+    wy: str = "inverse",
 ):
     """Chunked (WY / UT transform) reference in float64: same signature and result as :func:`naive_recurrent_flow`.
 
@@ -195,6 +225,8 @@ def naive_chunk_flow(
         chunk_size: tokens per chunk ``C`` (each chunk has ``C·R`` rows).
         return_chunk_maps: also return the flow of every chunk.
         acc_dtype: the accumulation dtype (float64 for the reference; float32 gives a plain-torch baseline).
+        wy: how each chunk's W, U are computed: ``"inverse"`` (triangular solve, the tensorInv / UT form) or
+            ``"sigdelta"`` (ParallelFlow's signature-inspired grid recursion, depth C, no inverse).
         (others): as in :func:`naive_recurrent_flow`.
 
     Returns:
@@ -203,6 +235,8 @@ def naive_chunk_flow(
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if wy not in WY_METHODS:
+        raise ValueError(f"wy must be one of {WY_METHODS}, got {wy!r}")
     d, qs, k, v, beta, g, S = _prepare(q, k, v, beta, g, scale, initial_state, rank_form, acc_dtype)
     B, T, H, R, K = d.B, d.T, d.H, d.R, d.K
     gl = g if g is not None else qs.new_zeros(B, T, H)
@@ -213,7 +247,7 @@ def naive_chunk_flow(
         kc, vc, bc, G_tok, Gc = _chunk_rows(k, v, beta, gl, sl)  # rows (t, r) token-major: [B, H, C·R, ·]
         qc = qs[:, sl].permute(0, 2, 1, 3)  # [B, H, C, K]
         coupling, visible = _chunk_masks(C, R, rank_form, k.device)
-        W, U = _chunk_wy(kc, vc, bc, Gc, coupling)
+        W, U = _chunk_wy(kc, vc, bc, Gc, coupling, wy, R if rank_form == "sum" else 1)
         U_new = U - W @ S
         vis = visible[::R]  # [C, n]: query token t sees rows of tokens ≤ t
         attn = (qc @ kc.transpose(-1, -2)) * torch.exp(G_tok[..., :, None] - Gc[..., None, :]).masked_fill(~vis, 0.0)

@@ -9,7 +9,9 @@ g = logsigmoid(·) when gated):
   ``fla.ops.gated_delta_product.chunk_gated_delta_product`` (non-gated, interleaved [B, T·R, H, ·] layout) when
   fla-core is installed and on CUDA;
 - ``torch-chunked``: the chunked WY reference of ``kernels/flow/naive.py`` accumulating in float32 (CPU only: on a
-  GPU its Python loop over chunks only wastes device time).
+  GPU its Python loop over chunks only wastes device time);
+- ``torch-sigdelta``: the same in float32 with ParallelFlow's signature-inspired grid recursion (sigDelta) in place of
+  the triangular solve, the paper's second algorithm measured against the first on the same code path (CPU only).
 ``extra.rel_err`` is each output's relative RMS error against the float64 reference on the same inputs (the product
 form for rank-R cases: on ``ours-sum`` rows it measures how far the sum form is from the product form, not an error;
 ``python -m pflow_dist.bench.flow check`` measures the sum form's error against its own reference).
@@ -31,7 +33,8 @@ from ..kernels.flow.naive import naive_chunk_flow
 from .registry import Bench, Case, Impl
 
 _QUICK = [(1, 64, 2, 16), (2, 100, 2, 32)]
-_FULL = [(4, 8192, 16, 128), (1, 65536, 16, 128), (8, 4096, 32, 64)]
+_FULL = [(4, 8192, 16, 128), (1, 65536, 16, 128), (8, 4096, 32, 64),
+         (1, 4096, 4, 64)]  # the last: small enough for the CPU-only torch rows (sigDelta vs the triangular solve)
 _VARIANTS = [(1, 0), (1, 1), (2, 0), (4, 0)]  # (R, gated)
 
 
@@ -107,9 +110,12 @@ def _fla_unavailable(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "fla needs a CUDA device"
 
 
-def _torch_chunked(inp):
-    return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product",
-                            chunk_size=64, acc_dtype=torch.float32)
+def _torch_chunked(wy: str):
+    def run(inp):
+        return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product",
+                                chunk_size=64, acc_dtype=torch.float32, wy=wy)
+
+    return run
 
 
 def _torch_unavailable(device: torch.device) -> str | None:
@@ -130,7 +136,8 @@ BENCH = Bench(
         Impl("ours", _ours, _ours_unavailable, "pflow-dist"),
         Impl("ours-sum", _ours_sum, _ours_unavailable, "pflow-dist"),
         Impl("fla", _fla, _fla_unavailable, "fla-core"),
-        Impl("torch-chunked", _torch_chunked, _torch_unavailable),
+        Impl("torch-chunked", _torch_chunked("inverse"), _torch_unavailable),
+        Impl("torch-sigdelta", _torch_chunked("sigdelta"), _torch_unavailable),
     ],
     grad_inputs=("q", "k", "v", "beta", "g", "k_il", "v_il", "beta_il"),
     default_dtype=torch.bfloat16,

@@ -91,6 +91,26 @@ def test_chunked_matches_recurrent(cfg, rank_form, chunk_size):
     assert_close("S", S, S_c, 1e-12)
 
 
+@pytest.mark.parametrize("cfg, rank_form", CASES)
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_sigdelta_chunks_match_recurrent_values_and_gradients(cfg, rank_form, chunk_size):
+    # the second algorithm of the paper (grid recursion instead of the triangular solve): same flow, same gradients
+    inp = make_inputs(T=13, **cfg)
+    leaves = {k: v.requires_grad_() for k, v in inp.items() if v is not None}
+    o, S = naive_recurrent_flow(**inp, rank_form=rank_form, output_final_state=True)
+    o_s, S_s = naive_chunk_flow(**inp, rank_form=rank_form, output_final_state=True, chunk_size=chunk_size,
+                                wy="sigdelta")
+    assert_close("o", o, o_s, 1e-12)
+    assert_close("S", S, S_s, 1e-12)
+    cot = torch.randn_like(o)
+    want = torch.autograd.grad((o * cot).sum() + S.sum(), list(leaves.values()))
+    got = torch.autograd.grad((o_s * cot).sum() + S_s.sum(), list(leaves.values()))
+    for name, a, b in zip(leaves, want, got, strict=True):
+        assert_close(f"d{name}", a, b, 1e-11)
+    with pytest.raises(ValueError, match="wy must be one of"):
+        naive_chunk_flow(**inp, wy="lu")
+
+
 @settings(max_examples=15, deadline=None)
 @given(T=st.integers(1, 12), split=st.integers(0, 12), R=st.integers(1, 3), C=st.integers(1, 6),
        rank_form=st.sampled_from(["sum", "product"]), gated=st.booleans(), seed=st.integers(0, 2**16))
