@@ -58,9 +58,10 @@ def _resolve_backend(backend: object, q: torch.Tensor, v: torch.Tensor, allow_fl
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dims_ok = q.shape[-1] <= MAX_TRITON_DIM and v.shape[-1] <= MAX_TRITON_DIM
     if backend == "auto":
-        # Whole-op calls on CUDA go to FlexAttention: on an H100 it ran this mask 1.3-2.1x faster than our Triton
-        # kernels at T = 8k-1M (benchmarks/results/attention_h100.jsonl). The block-level op (window_attention, used
-        # by the sequence-parallel path, which needs the log-sum-exp) stays on Triton.
+        # Whole-op calls on CUDA go to FlexAttention. On an H200 our Triton kernels are faster from T = 131k on
+        # (fwd+bwd 1.05-1.32x, benchmarks/results/attention_h200.jsonl) but 2x slower at T = 8k (per-call host
+        # overhead), and their peak memory after the in-place rewrite is not re-measured yet. The block-level op
+        # (window_attention, used by the sequence-parallel path, which needs the log-sum-exp) stays on Triton.
         if allow_flex and q.is_cuda and _flex_available():
             return "flex"
         return "triton" if (q.is_cuda and q.dtype in _TRITON_DTYPES and dims_ok) else "torch"
@@ -256,8 +257,9 @@ def sparse_attention(
         global_idx: positions of the global tokens (1-D ints in ``[0, T)``, any order, no duplicates), or ``None``.
         n_global: the first ``n_global`` positions as global tokens (attention sinks); not with ``global_idx``.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (FlexAttention on CUDA where torch has it, else Triton on CUDA, torch otherwise: measured
-            faster on an H100), ``"triton"`` (CUDA, or CPU with TRITON_INTERPRET=1),
+        backend: ``"auto"`` (FlexAttention on CUDA where torch has it, else Triton on CUDA, torch otherwise;
+            ``"triton"`` is faster for long sequences, T ≥ 131k on an H200), ``"triton"`` (CUDA, or CPU with
+            TRITON_INTERPRET=1),
             ``"flex"`` (torch FlexAttention with the same block mask: compiled on CUDA; no backward on CPU),
             ``"torch"`` (blocked plain torch, fp32 accumulation, any device, autograd).
 
