@@ -89,11 +89,19 @@ BENCH = Bench(
 )
 
 
+def _solve_for_stats(impl: str, inp) -> tuple[torch.Tensor, dict]:
+    """``(h, extra stats)`` of one DEER implementation on ``inp`` (its Newton iterations where it reports them)."""
+    if impl == "deer-jax":
+        return _jax(inp)[0], {}
+    from ..ops.deer import deer_rnn
+
+    h, _, info = deer_rnn(_weights(inp), inp["x"], inp["h0"], {"ours": "quasi", "ours-newton": "newton"}[impl])
+    return h, {"iterations": info.iterations}
+
+
 def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case]) -> list[BenchRow]:
     """Add ``iterations`` and ``max_abs_err_vs_sequential`` (against cuDNN in fp32 with TF32 off, on the same
     inputs) to the DEER rows."""
-    from ..ops.deer import deer_rnn
-
     stats: dict[tuple[str, str], dict] = {}
     for case in cases:
         inp = _inputs(case, torch.float32, device)
@@ -105,20 +113,14 @@ def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case])
                 seq = _reference(inp).float() if case.params["T"] * case.params["B"] <= 2**16 else None
             finally:
                 torch.backends.cudnn.allow_tf32 = tf32
-            for impl, method in (("ours", "quasi"), ("ours-newton", "newton")):
+            impls = ["ours", "ours-newton"] + (["deer-jax"] if _jax_unavailable(device) is None else [])
+            for impl in impls:
                 try:
-                    h, _, info = deer_rnn(_weights(inp), inp["x"], inp["h0"], method)
-                    stats[(case.name, impl)] = {"iterations": info.iterations, "max_abs_err_vs_sequential":
+                    h, extra = _solve_for_stats(impl, inp)
+                    stats[(case.name, impl)] = {**extra, "max_abs_err_vs_sequential":
                                                 None if seq is None else (h - seq).abs().max().item()}
                 except Exception as e:  # recorded, like a failing peer
                     stats[(case.name, impl)] = {"stats_error": f"{type(e).__name__}: {str(e)[:200]}"}
-            if _jax_unavailable(device) is None:
-                try:
-                    h = _jax(inp)[0]
-                    stats[(case.name, "deer-jax")] = {"max_abs_err_vs_sequential":
-                                                      None if seq is None else (h - seq).abs().max().item()}
-                except Exception as e:
-                    stats[(case.name, "deer-jax")] = {"stats_error": f"{type(e).__name__}: {str(e)[:200]}"}
         del inp, seq
         if device.type == "cuda":
             torch.cuda.empty_cache()
