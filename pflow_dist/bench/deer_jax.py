@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..kernels.common.checks import check_same_device, check_tensor
+
 __all__ = ["jax_deer_gru", "jax_peak_bytes", "load_seq1d", "unavailable"]
 
 # before JAX starts (it reads this once): allocate on demand, so that torch and JAX share the GPU
@@ -133,7 +135,21 @@ def jax_deer_gru(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: to
 
     Returns:
         ``(h [B, T, n], h_T [B, n])``, differentiable (``jax.vjp``) in every input.
+
+    Raises:
+        TypeError / ValueError: inputs that are not float32 tensors of these shapes on one device (checked before JAX
+            is touched).
     """
+    f32 = (torch.float32,)
+    check_tensor("x", x, ndim=3, dims="[B, T, n_in]", dtypes=f32)
+    B, _, n_in = x.shape
+    n = w_hh.shape[-1] if w_hh.dim() == 2 else -1
+    check_tensor("h0", h0, shape=(B, n), dims="[B, n]", dtypes=f32)
+    check_tensor("w_ih", w_ih, shape=(3 * n, n_in), dims="[3n, n_in]", dtypes=f32)
+    check_tensor("w_hh", w_hh, shape=(3 * n, n), dims="[3n, n]", dtypes=f32)
+    check_tensor("b_ih", b_ih, shape=(3 * n,), dims="[3n]", dtypes=f32)
+    check_tensor("b_hh", b_hh, shape=(3 * n,), dims="[3n]", dtypes=f32)
+    check_same_device(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     h = _JaxDeerGRU.apply(x, h0, w_ih, w_hh, b_ih, b_hh)
     return h, h[:, -1]
 

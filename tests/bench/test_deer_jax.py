@@ -39,3 +39,16 @@ def test_official_seq1d_gru_matches_the_sequential_gru():
     for name, a, b in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want, strict=True):
         rel = ((a.double() - b).norm() / b.norm()).item()
         assert rel < 1e-4, (name, rel)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x=torch.zeros(2, 5, 4, dtype=torch.float64)), TypeError, "x must have dtype"),
+    (dict(h0=torch.zeros(3, 8)), ValueError, r"h0 must have shape \[2, 8\]"),
+    (dict(w_ih=torch.zeros(24, 5)), ValueError, r"w_ih must have shape \[24, 4\]"),
+    (dict(b_hh=torch.zeros(23)), ValueError, r"b_hh must have shape \[24\]"),
+])
+def test_bad_inputs_are_refused_before_jax_runs(change, error, match):
+    args = dict(x=torch.zeros(2, 5, 4), h0=torch.zeros(2, 8), w_ih=torch.zeros(24, 4), w_hh=torch.zeros(24, 8),
+                b_ih=torch.zeros(24), b_hh=torch.zeros(24))
+    with pytest.raises(error, match=match):
+        deer_jax.jax_deer_gru(**{**args, **change})
