@@ -13,7 +13,10 @@
 #   atomic counter (so a tile only ever waits on tiles that already run: no deadlock whatever the block scheduler
 #   does), publish their aggregate map, then walk back over the predecessors' published maps WINDOW at a time until
 #   one has published its inclusive state, compose, and publish their own inclusive state. Every input is read once
-#   and h written once: the minimum traffic, 3 tensors. Measured, it is latency-bound (it ties with three-pass).
+#   and h written once: the minimum traffic, 3 tensors. Measured, it stays latency-bound: 49-67% of the copy
+#   bandwidth on H200 with the best tiles (diag_tile_config), against 45-48% for three-pass. A persistent variant
+#   (programs claiming tile after tile and loading the next while looking back for the current) was slower on the
+#   same sweep (33-52%) and was dropped.
 #   The published words carry their own validity (a NaN bit pattern SENTINEL marks "not yet"), so no memory fence
 #   between words is needed: a reader only uses words it has seen valid, loaded volatile (from L2, never stale L1).
 # - "chunk" (three passes): tile aggregates → a scan over the aggregates (recursively, the same op) → a second pass
@@ -31,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOOKBACK_MIN_SEQS", "LOOP_MIN_SEQS", "SENTINEL", "diag_scan_triton", "diag_tile_config"]
+__all__ = ["LOOP_MIN_SEQS", "SENTINEL", "diag_scan_triton", "diag_tile_config"]
 
 # A signalling-NaN bit pattern arithmetic never produces (GPUs return the canonical NaN 0x7FFFFFFF): "not published".
 SENTINEL = 0x7FA0DEAD
@@ -56,17 +59,18 @@ def _last_row(x, rows, n_rows: tl.constexpr):
 
 
 @triton.jit
+def _tile_times(chunk, T, mask_n, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Times of one tile in scan order (descending when REVERSE) and its in-bounds mask."""
+    s = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = T - 1 - s if REVERSE else s
+    return t, (s < T)[:, None] & mask_n[None, :]
+
+
+@triton.jit
 def _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
     """Load one tile in scan order as fp32 (a, b), with the identity (1, 0) past the end; also return its times."""
-    s = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid = s < T
-    if REVERSE:
-        t = T - 1 - s
-        ta = t + 1  # the adjoint uses the next step's gate; a_T := 1
-    else:
-        t = s
-        ta = s
-    m = valid[:, None] & mask_n[None, :]
+    t, m = _tile_times(chunk, T, mask_n, REVERSE, BLOCK_T)
+    ta = t + 1 if REVERSE else t  # the adjoint uses the next step's gate; a_T := 1
     rows = base + t.to(tl.int64) * N
     b = tl.load(b_ptr + rows[:, None] + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
     rows_a = base + ta.to(tl.int64) * N
@@ -92,21 +96,24 @@ def _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0
 
 
 @triton.jit
-def _lookback_diag_scan(
-    a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, hprev_ptr, h0_ptr, da_ptr,
-    T, N, G, n_chunks, n_seq,
-    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr,
-    HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
-):
-    tile = tl.atomic_add(counter_ptr, 1)  # dynamic tile index: chunk-major, so every sequence advances together
+def _tile_coords(tile, n_seq, G, T, N, BLOCK_N: tl.constexpr):
+    """Tile index (chunk-major, so every sequence advances together) → (chunk, seq, batch, channels, mask, base)."""
     chunk = tile // n_seq
     seq = tile % n_seq
     bi = seq // G
     offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    base = bi.to(tl.int64) * T * N
-    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+    return chunk, seq, bi, offs_n, offs_n < N, bi.to(tl.int64) * T * N
+
+
+@triton.jit
+def _lookback_tile(
+    a, b, t, m, chunk, seq, bi, offs_n, mask_n, base,
+    init_ptr, h_ptr, hT_ptr, state_ptr, hprev_ptr, h0_ptr, da_ptr, T, N, n_chunks,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, HAS_DA: tl.constexpr,
+    HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """Scan one loaded tile, publish its aggregate, look back for its carry-in, publish its inclusive state, store."""
     A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
     rows_t = tl.arange(0, BLOCK_T)
     agg_a = _last_row(A_loc, rows_t, BLOCK_T)
@@ -167,6 +174,22 @@ def _lookback_diag_scan(
             tl.store(hT_ptr + bi.to(tl.int64) * N + offs_n, inclusive, mask=mask_n)
     _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
                 HAS_DA)
+
+
+@triton.jit
+def _lookback_diag_scan(
+    a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, hprev_ptr, h0_ptr, da_ptr,
+    T, N, G, n_chunks, n_seq,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr,
+    HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+):
+    tile = tl.atomic_add(counter_ptr, 1)
+    chunk, seq, bi, offs_n, mask_n, base = _tile_coords(tile, n_seq, G, T, N, BLOCK_N)
+    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+    _lookback_tile(a, b, t, m, chunk, seq, bi, offs_n, mask_n, base,
+                   init_ptr, h_ptr, hT_ptr, state_ptr, hprev_ptr, h0_ptr, da_ptr, T, N, n_chunks,
+                   HAS_INIT, STORE_FINAL, HAS_DA, HAS_H0_DA, PUBLISH_INCLUSIVE, BLOCK_T, BLOCK_N, WINDOW)
 
 
 @triton.jit
@@ -264,31 +287,28 @@ def chunk_diag_scan_fwd_kernel(
                     HAS_DA)
 
 
-def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = None) -> tuple[int, int, int]:
-    """Tile sizes ``(BLOCK_T, BLOCK_N, num_warps)``: rows of up to 32 channels (128-byte fp32 rows), 2048-element
-    tiles on 4 warps: 16 values per thread and tensor, ≈ 150 registers (sm_90 ptxas), so 3 programs share an SM and
-    one's loads overlap another's scan and look-back (larger tiles fit one program per SM and serialise)."""
+def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = None,
+                     loop: bool = False) -> tuple[int, int, int]:
+    """Tile sizes ``(BLOCK_T, BLOCK_N, num_warps)``: rows of up to 32 channels (128-byte fp32 rows) and 64 values per
+    thread and tensor. Swept on H200 (fp32, 2^28 elements, 4 KB-32 KB tiles × 2/4/8 warps, runs/ sweep in
+    benchmarks/results/scan_sweep_h200.jsonl): look-back is fastest with 4096-element tiles on 2 warps for 32-channel
+    rows and 8192 on 4 warps for 16-channel rows (57-67% of copy at N = 256 against 38-49% for the former 2048 × 4);
+    the loop kernel with 16-channel rows, 2048 elements on 2 warps (``loop``)."""
     bn = block_n or min(32, triton.next_power_of_2(N))
-    bt = block_t or max(16, 2048 // bn)
-    return bt, bn, 4
+    if loop:
+        return block_t or max(16, 2048 // bn), bn, 2
+    if bn == 16:
+        return block_t or 512, bn, 4
+    return block_t or max(16, 4096 // bn), bn, 2
 
 
-# Look-back needs enough independent sequences (n_seq = B · channel groups) advancing side by side: a chain's
-# inclusive states advance about WINDOW tiles per global-memory round trip (~1 µs). Measured on H100 (2^28 fp32
-# elements, benchmarks/results/scan_h100.jsonl): at n_seq = 8 (B1 T2^20 N256) look-back took 2.51 ms against 2.03 ms
-# for the three-pass form; at n_seq ≥ 32 the two tie within 5% (≈ 1.9-2.0 ms, ~64% of copy: look-back is latency-
-# bound at ≈ 3 programs per SM, see diag_tile_config). Fewer, longer chains take the three-pass algorithm.
-LOOKBACK_MIN_SEQS = 32
-# With ≥ LOOP_MIN_SEQS sequences × channel groups (one per SM), each program simply walks its own sequence with
-# prefetched tiles: one pass, no look-back latency (the short-T regime; channel groups narrow to 8 to get there).
-LOOP_MIN_SEQS = 128
-
-
-def _loop_block_n(B: int, N: int) -> int | None:
-    for bn in (32, 16, 8):
-        if bn <= max(8, triton.next_power_of_2(N)) and B * triton.cdiv(N, bn) >= LOOP_MIN_SEQS:
-            return bn
-    return None
+# With ≥ LOOP_MIN_SEQS sequences × 16-channel groups, each program simply walks its own sequence with prefetched
+# tiles: one pass, no look-back latency (the short-T regime). H200: 68.5% of copy at B16 T2^16 N256 (256 programs)
+# against 66.8% for look-back, but 19% at 64 programs (B4 T2^18), where look-back reaches 64.8%. Everything else
+# takes the look-back, which on H200 also beats the three-pass form with a single sequence (49.0% against 47.9% at
+# B1 T2^24 N16; 57.7% against 45.2% at B1 T2^20 N256).
+LOOP_MIN_SEQS = 256
+LOOP_BLOCK_N = 16
 
 
 def _grid_dims(B: int, T: int, N: int, bt: int, bn: int) -> tuple[int, int, int]:
@@ -311,6 +331,8 @@ def diag_scan_triton(
     block_n: int | None = None,
     window: int = 16,
     publish_inclusive: bool = True,
+    num_warps: int | None = None,
+    num_stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the diagonal scan (no autograd, no validation: :mod:`pflow_dist.ops.scan` does both).
 
@@ -321,9 +343,10 @@ def diag_scan_triton(
         out_dtype: dtype of the per-step output (``b.dtype`` when ``None``).
         h, h0: forward states ``[B, T, N]`` and initial state for ``da = λ ⊙ h_{t-1}`` (reverse with want_da).
         algorithm: ``"loop"`` (a program walks each sequence), ``"lookback"`` (single pass over tiles), ``"chunk"``
-            (three passes) or ``"auto"``: loop when B × channel groups ≥ ``LOOP_MIN_SEQS``, else look-back when
-            ≥ ``LOOKBACK_MIN_SEQS`` (or the sequence is one tile), else chunk.
+            (three passes) or ``"auto"``: loop when B × 16-channel groups ≥ ``LOOP_MIN_SEQS``, else look-back.
         block_t, block_n, window: tile sizes (defaults from :func:`diag_tile_config`), look-back window.
+        num_warps, num_stages: warps per program (default from :func:`diag_tile_config`) and the loop kernel's
+            prefetch depth (tuning knobs for ``pflow_dist.bench.scan``).
         publish_inclusive: testing knob: when False only the first tile publishes its inclusive state, so every
             tile looks back to the start (exercises the multi-window path the interpreter never reaches otherwise).
 
@@ -331,38 +354,43 @@ def diag_scan_triton(
         ``(out [B, T, N] in out_dtype, last [B, N] fp32 — h_T forward, λ_0 reverse, da or None)``.
     """
     B, T, N = b.shape
-    if algorithm == "auto" and block_n is None and (bn_loop := _loop_block_n(B, N)) is not None:
-        algorithm, block_n = "loop", bn_loop
-    bt, bn, warps = diag_tile_config(N, block_t, block_n)
+    if algorithm == "auto":
+        algorithm = "loop" if B * triton.cdiv(N, LOOP_BLOCK_N) >= LOOP_MIN_SEQS else "lookback"
+        if algorithm == "loop" and block_n is None:
+            block_n = LOOP_BLOCK_N
+    bt, bn, warps = diag_tile_config(N, block_t, block_n, loop=algorithm == "loop")
+    warps = num_warps or warps
     G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
     out = torch.empty(B, T, N, device=b.device, dtype=out_dtype or b.dtype)
     last = torch.empty(B, N, device=b.device, dtype=torch.float32)
     da = torch.empty_like(a) if want_da else None
     dummy = out
-    if algorithm == "auto":
-        algorithm = "lookback" if (n_seq >= LOOKBACK_MIN_SEQS or n_chunks == 1) else "chunk"
     hp, h0p, dap = (h if want_da else dummy), (h0 if h0 is not None else dummy), (da if want_da else dummy)
     if algorithm == "loop":
         if reverse:
             loop_diag_scan_bwd_kernel[(n_seq,)](a, b, init if init is not None else dummy, out, last, hp, h0p, dap,
                                                 T, N, G, n_chunks, HAS_GT=init is not None, HAS_DA=want_da,
-                                                HAS_H0=h0 is not None, BLOCK_T=bt, BLOCK_N=bn, NUM_STAGES=3,
+                                                HAS_H0=h0 is not None, BLOCK_T=bt, BLOCK_N=bn, NUM_STAGES=num_stages,
                                                 num_warps=warps)
         else:
             loop_diag_scan_fwd_kernel[(n_seq,)](a, b, init if init is not None else dummy, out, last, T, N, G,
                                                 n_chunks, HAS_INIT=init is not None, BLOCK_T=bt, BLOCK_N=bn,
-                                                NUM_STAGES=3, num_warps=warps)
+                                                NUM_STAGES=num_stages, num_warps=warps)
         return out, last, da
     if algorithm == "lookback":
         state = torch.full((n_seq * n_chunks * 3 * bn,), SENTINEL, dtype=torch.int32, device=b.device)
         counter = torch.zeros(1, dtype=torch.int32, device=b.device)
+        # every thread must own distinct elements of the [WINDOW, BLOCK_N] look-back tile: replicas of one word load
+        # it separately (volatile) and can disagree on "published yet", folding a map one replica counts as missing
+        window = max(window, triton.cdiv(32 * warps, bn))
         grid = (n_chunks * n_seq,)
         if reverse:
             lookback_diag_scan_bwd_kernel[grid](
                 a, b, init if init is not None else dummy, out, last, state, counter,
                 h if want_da else dummy, h0 if h0 is not None else dummy, da if want_da else dummy,
                 T, N, G, n_chunks, n_seq, HAS_GT=init is not None, HAS_DA=want_da, HAS_H0=h0 is not None,
-                PUBLISH_INCLUSIVE=publish_inclusive, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, num_warps=warps,
+                PUBLISH_INCLUSIVE=publish_inclusive, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window,
+                num_warps=warps,
             )
         else:
             lookback_diag_scan_fwd_kernel[grid](

@@ -10,9 +10,10 @@ import torch
 
 from pflow_dist.kernels.scan.naive import naive_scan
 from pflow_dist.ops.scan import scan, scan_adjoint, scan_forward
-from pflow_dist.testing import assert_close
+from pflow_dist.testing import assert_close, kernel_device
 
 F64 = torch.float64
+DEV = kernel_device()  # CUDA natively, else CPU through the Triton interpreter
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-12}
 
 
@@ -24,7 +25,7 @@ def make(B, T, N, diagonal, dtype, seed=0, with_h0=True):
         a = torch.randn(B, T, N, N, generator=gen) * (0.9 / N**0.5)
     b = torch.randn(B, T, N, generator=gen)
     h0 = torch.randn(B, N, generator=gen, dtype=F64 if dtype == F64 else torch.float32) if with_h0 else None
-    return a.to(dtype), b.to(dtype), h0
+    return a.to(DEV, dtype), b.to(DEV, dtype), h0.to(DEV) if h0 is not None else None
 
 
 def reference(a, b, h0, gh, gT):
@@ -117,6 +118,7 @@ def test_dense_triton_multi_chunk_and_structured(n):
     mats = torch.randn(K, n, n, generator=gen) * (0.5 / n**0.5)
     b, h0, g, gT = (torch.randn(B, T, n, generator=gen), torch.randn(B, n, generator=gen),
                     torch.randn(B, T, n, generator=gen), torch.randn(B, n, generator=gen))
+    coef, mats, b, h0, g, gT = (x.to(DEV) for x in (coef, mats, b, h0, g, gT))
     A = torch.diag_embed(coef[:, :, 0]) + sum(coef[:, :, k + 1, :, None] * mats[k] for k in range(K))
     for struct in (False, True):
         kw = dict(coef=coef, mats=mats) if struct else {}
@@ -154,14 +156,14 @@ def test_scan_returns_none_without_final_state():
     ],
 )
 def test_scan_errors(case, exc, match):
-    a, b, h0 = torch.rand(2, 5, 3), torch.randn(2, 5, 3), torch.randn(2, 3)
+    a, b, h0 = torch.rand(2, 5, 3, device=DEV), torch.randn(2, 5, 3, device=DEV), torch.randn(2, 3, device=DEV)
     kw = {}
     if case == "b_2d":
         b = b[:, :, 0]
     elif case == "a_wrong_T":
         a = a[:, :4]
     elif case == "dense_wrong":
-        a = torch.rand(2, 5, 3, 4)
+        a = torch.rand(2, 5, 3, 4, device=DEV)
     elif case == "T0":
         a, b = a[:, :0], b[:, :0]
     elif case == "h0_shape":
