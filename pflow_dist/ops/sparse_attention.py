@@ -32,11 +32,17 @@ from ..kernels.attention.shapes import (
 )
 from ..kernels.common.checks import check_tensor
 
-__all__ = ["BACKENDS", "INF_WINDOW", "MAX_TRITON_DIM", "sparse_attention", "window_attention"]
+__all__ = ["AUTO_TRITON_MIN_T", "BACKENDS", "INF_WINDOW", "MAX_TRITON_DIM", "auto_backend", "sparse_attention",
+           "window_attention"]
 
 BACKENDS = ("auto", "triton", "flex", "torch")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_DIM = 256  # head dims of the Triton kernels (a [64, D] fp32 accumulator per program)
+# Whole-op calls on CUDA: our Triton kernels from this length on, FlexAttention below. H200, bf16, H16 D128 g4
+# (benchmarks/results/attention_h200.jsonl, one autograd function): fwd+bwd 1.16x Flex at T = 131k w = 2048, 1.61x at
+# w = 512, 1.19x at T = 1M with 32.2 vs 37.2 GiB peak; 0.63x at T = 8k (per-call host overhead). T between 8k and 131k
+# is not measured, so the switch sits at the shortest measured win.
+AUTO_TRITON_MIN_T = 131072
 
 
 def _interpreting() -> bool:
@@ -53,18 +59,24 @@ def _flex_available() -> bool:
     return True
 
 
+def auto_backend(T: int, on_cuda: bool, triton_ok: bool, flex_ok: bool) -> str:
+    """What ``backend="auto"`` runs for a sequence of ``T`` queries: Triton on CUDA from ``AUTO_TRITON_MIN_T`` on
+    (or whenever FlexAttention is not an option), FlexAttention on CUDA below it, plain torch off CUDA or for
+    dtypes/head dims the kernels do not take."""
+    if flex_ok and (T < AUTO_TRITON_MIN_T or not triton_ok):
+        return "flex"
+    return "triton" if on_cuda and triton_ok else "torch"
+
+
 def _resolve_backend(backend: object, q: torch.Tensor, v: torch.Tensor, allow_flex: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dims_ok = q.shape[-1] <= MAX_TRITON_DIM and v.shape[-1] <= MAX_TRITON_DIM
     if backend == "auto":
-        # Whole-op calls on CUDA go to FlexAttention. On an H200 our Triton kernels are faster from T = 131k on
-        # (fwd+bwd 1.05-1.32x, benchmarks/results/attention_h200.jsonl) but 2x slower at T = 8k (per-call host
-        # overhead), and their peak memory after the in-place rewrite is not re-measured yet. The block-level op
-        # (window_attention, used by the sequence-parallel path, which needs the log-sum-exp) stays on Triton.
-        if allow_flex and q.is_cuda and _flex_available():
-            return "flex"
-        return "triton" if (q.is_cuda and q.dtype in _TRITON_DTYPES and dims_ok) else "torch"
+        # the block-level op (window_attention, used by the sequence-parallel path, which needs the log-sum-exp)
+        # always takes Triton on CUDA; the whole op takes FlexAttention below AUTO_TRITON_MIN_T
+        return auto_backend(q.shape[1], q.is_cuda, q.dtype in _TRITON_DTYPES and dims_ok,
+                            allow_flex and q.is_cuda and _flex_available())
     if backend == "triton":
         if not dims_ok:
             raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_DIM}, got D={q.shape[-1]}, "
@@ -257,8 +269,9 @@ def sparse_attention(
         global_idx: positions of the global tokens (1-D ints in ``[0, T)``, any order, no duplicates), or ``None``.
         n_global: the first ``n_global`` positions as global tokens (attention sinks); not with ``global_idx``.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (FlexAttention on CUDA where torch has it, else Triton on CUDA, torch otherwise;
-            ``"triton"`` is faster for long sequences, T ≥ 131k on an H200), ``"triton"`` (CUDA, or CPU with
+        backend: ``"auto"`` (on CUDA: Triton from T = ``AUTO_TRITON_MIN_T`` on, where it measured faster and
+            leaner than FlexAttention on an H200, FlexAttention below; torch elsewhere: :func:`auto_backend`),
+            ``"triton"`` (CUDA, or CPU with
             TRITON_INTERPRET=1),
             ``"flex"`` (torch FlexAttention with the same block mask: compiled on CUDA; no backward on CPU),
             ``"torch"`` (blocked plain torch, fp32 accumulation, any device, autograd).

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from pflow_dist.kernels.attention.naive import naive_sparse_attention, naive_window_attention, sparse_attention_mask
-from pflow_dist.ops.sparse_attention import INF_WINDOW, sparse_attention, window_attention
+from pflow_dist.ops.sparse_attention import (
+    AUTO_TRITON_MIN_T,
+    INF_WINDOW,
+    auto_backend,
+    sparse_attention,
+    window_attention,
+)
 from pflow_dist.testing import assert_close
 
 F64 = torch.float64
@@ -237,3 +243,19 @@ def test_bench_quick_case_runs():
     for r in rows:
         if r.impl != "sdpa-causal":
             assert r.extra["rel_err"] < 1e-5, r
+
+
+@pytest.mark.parametrize(
+    "T,on_cuda,triton_ok,flex_ok,expected",
+    [
+        (8192, True, True, True, "flex"),  # short: FlexAttention (ours 0.63x there on H200)
+        (131072, True, True, True, "triton"),  # long: ours (1.16x, less memory)
+        (131072, True, False, True, "flex"),  # a dtype / head dim the kernels do not take
+        (8192, True, True, False, "triton"),  # window_attention (no whole-op Flex) or no Flex in this torch
+        (131072, False, True, False, "torch"),  # CPU
+    ],
+)
+def test_auto_backend(T, on_cuda, triton_ok, flex_ok, expected):
+    assert auto_backend(T, on_cuda, triton_ok, flex_ok) == expected
+    assert auto_backend(AUTO_TRITON_MIN_T - 1, True, True, True) == "flex"
+    assert auto_backend(AUTO_TRITON_MIN_T, True, True, True) == "triton"
