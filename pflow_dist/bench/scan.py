@@ -4,7 +4,9 @@ Implementations, on the same values (the peer gets them in its [B, C, T] layout,
 - ``ours``: ``pflow_dist.ops.scan.scan`` (``backend="auto"``: Triton single-pass look-back on CUDA, torch on CPU);
 - ``ours-3pass``: the same op with the three-pass chunked Triton algorithm;
 - ``torch``: the chunked log-depth plain-torch scan (``backend="torch"``, the CPU path, run on the same device);
-- ``accelerated-scan``: ``accelerated_scan.scalar.scan`` (Triton, one program per sequence), when installed.
+- ``accelerated-scan``: ``accelerated_scan.scalar.scan`` (Triton, one program per sequence), when installed;
+- ``accelerated-scan-warp``: ``accelerated_scan.warp.scan`` (its CUDA kernel, compiled on first use by
+  ``torch.utils.cpp_extension``: needs nvcc; power-of-two T ≤ 65536 only, an error row beyond).
 A memory-bound scan moves at least a, b in and h out (fwd) and a, ḡ, h in, da, db out (bwd): 3 and 8 tensors.
 ``pflow-dist bench scan`` (and ``python -m pflow_dist.bench.scan``) add to every row (``finalize_rows``) the HBM copy
 bandwidth measured in the same run (a 2^28-float device copy, bytes read + written) and the row's effective bandwidth
@@ -76,6 +78,26 @@ def _accel(inp):
     return (accel_scan(inp["a_bct"], inp["b_bct"]).transpose(1, 2),)
 
 
+_WARP_MAX_T = 65536
+
+
+def _accel_warp(inp):
+    T = inp["a"].shape[1]
+    if T > _WARP_MAX_T or T & (T - 1):
+        raise ValueError(f"accelerated-scan's warp kernel takes power-of-two T <= {_WARP_MAX_T}, got T={T}")
+    from accelerated_scan.warp import scan as warp_scan  # JIT-compiles the CUDA extension on first import
+
+    return (warp_scan(inp["a_bct"], inp["b_bct"]).transpose(1, 2),)
+
+
+def _accel_warp_unavailable(device: torch.device) -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if (why := _accel_unavailable(device)) is not None:
+        return why
+    return None if CUDA_HOME is not None else "accelerated-scan's warp kernel compiles CUDA C++: no CUDA toolkit here"
+
+
 def _cuda_only(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "Triton kernels need a CUDA device (the interpreter is for tests)"
 
@@ -96,7 +118,8 @@ BENCH = Bench(
     cases=_cases,
     make_inputs=_inputs,
     impls=[Impl("ours", _ours), Impl("ours-3pass", _ours_3pass, _cuda_only), Impl("torch", _torch),
-           Impl("accelerated-scan", _accel, _accel_unavailable, package="accelerated-scan")],
+           Impl("accelerated-scan", _accel, _accel_unavailable, package="accelerated-scan"),
+           Impl("accelerated-scan-warp", _accel_warp, _accel_warp_unavailable, package="accelerated-scan")],
     grad_inputs=("a", "b", "a_bct", "b_bct"),
     default_dtype=torch.float32,
     reference=_reference,

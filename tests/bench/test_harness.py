@@ -109,3 +109,18 @@ def test_module_entry_without_typer(tmp_path):
     assert main(["gru", "--quick", "--case", "B2-nh8-T64", "--mode", "fwd", "--warmup", "0", "--rep", "1",
                  "--out", str(out)]) == 0
     assert {r["impl"] for r in read_jsonl(out)} == {"ours", "torch.nn.GRU"}
+
+
+def test_scan_bench_warp_peer_refuses_what_it_cannot_run(tmp_path):
+    """accelerated-scan's CUDA warp kernel: an 'unavailable' row with the reason where it cannot run (no package,
+    no CUDA, no toolkit), and a named error for the lengths it does not take (checked before any import)."""
+    from pflow_dist.bench import scan as scan_bench
+
+    rows = run_bench(scan_bench.BENCH, device=torch.device("cpu"), quick=True, case_filter=["B4-T1024-N8"],
+                     impl_filter=["ours", "accelerated-scan-warp"], modes=("fwd",), warmup=0, rep=1)
+    warp = [r for r in rows if r.impl == "accelerated-scan-warp"]
+    assert warp and all(r.status == "unavailable" and r.error for r in warp)
+    assert all(r.status == "ok" for r in rows if r.impl == "ours")
+    for T in (3000, 2**17):
+        with pytest.raises(ValueError, match=f"power-of-two T <= 65536, got T={T}"):
+            scan_bench._accel_warp({"a": torch.empty(1, T, 1)})
