@@ -59,18 +59,17 @@ def _last_row(x, rows, n_rows: tl.constexpr):
 
 
 @triton.jit
-def _tile_times(chunk, T, mask_n, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Times of one tile in scan order (descending when REVERSE) and its in-bounds mask."""
-    s = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    t = T - 1 - s if REVERSE else s
-    return t, (s < T)[:, None] & mask_n[None, :]
-
-
-@triton.jit
 def _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
     """Load one tile in scan order as fp32 (a, b), with the identity (1, 0) past the end; also return its times."""
-    t, m = _tile_times(chunk, T, mask_n, REVERSE, BLOCK_T)
-    ta = t + 1 if REVERSE else t  # the adjoint uses the next step's gate; a_T := 1
+    s = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = s < T
+    if REVERSE:
+        t = T - 1 - s
+        ta = t + 1  # the adjoint uses the next step's gate; a_T := 1
+    else:
+        t = s
+        ta = s
+    m = valid[:, None] & mask_n[None, :]
     rows = base + t.to(tl.int64) * N
     b = tl.load(b_ptr + rows[:, None] + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
     rows_a = base + ta.to(tl.int64) * N
@@ -96,24 +95,21 @@ def _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0
 
 
 @triton.jit
-def _tile_coords(tile, n_seq, G, T, N, BLOCK_N: tl.constexpr):
-    """Tile index (chunk-major, so every sequence advances together) → (chunk, seq, batch, channels, mask, base)."""
+def _lookback_diag_scan(
+    a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, hprev_ptr, h0_ptr, da_ptr,
+    T, N, G, n_chunks, n_seq,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr,
+    HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+):
+    tile = tl.atomic_add(counter_ptr, 1)  # dynamic tile index: chunk-major, so every sequence advances together
     chunk = tile // n_seq
     seq = tile % n_seq
     bi = seq // G
     offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return chunk, seq, bi, offs_n, offs_n < N, bi.to(tl.int64) * T * N
-
-
-@triton.jit
-def _lookback_tile(
-    a, b, t, m, chunk, seq, bi, offs_n, mask_n, base,
-    init_ptr, h_ptr, hT_ptr, state_ptr, hprev_ptr, h0_ptr, da_ptr, T, N, n_chunks,
-    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, HAS_DA: tl.constexpr,
-    HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
-):
-    """Scan one loaded tile, publish its aggregate, look back for its carry-in, publish its inclusive state, store."""
+    mask_n = offs_n < N
+    base = bi.to(tl.int64) * T * N
+    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
     A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
     rows_t = tl.arange(0, BLOCK_T)
     agg_a = _last_row(A_loc, rows_t, BLOCK_T)
@@ -174,22 +170,6 @@ def _lookback_tile(
             tl.store(hT_ptr + bi.to(tl.int64) * N + offs_n, inclusive, mask=mask_n)
     _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
                 HAS_DA)
-
-
-@triton.jit
-def _lookback_diag_scan(
-    a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, hprev_ptr, h0_ptr, da_ptr,
-    T, N, G, n_chunks, n_seq,
-    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr,
-    HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
-):
-    tile = tl.atomic_add(counter_ptr, 1)
-    chunk, seq, bi, offs_n, mask_n, base = _tile_coords(tile, n_seq, G, T, N, BLOCK_N)
-    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
-    _lookback_tile(a, b, t, m, chunk, seq, bi, offs_n, mask_n, base,
-                   init_ptr, h_ptr, hT_ptr, state_ptr, hprev_ptr, h0_ptr, da_ptr, T, N, n_chunks,
-                   HAS_INIT, STORE_FINAL, HAS_DA, HAS_H0_DA, PUBLISH_INCLUSIVE, BLOCK_T, BLOCK_N, WINDOW)
 
 
 @triton.jit
@@ -290,10 +270,11 @@ def chunk_diag_scan_fwd_kernel(
 def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = None,
                      loop: bool = False) -> tuple[int, int, int]:
     """Tile sizes ``(BLOCK_T, BLOCK_N, num_warps)``: rows of up to 32 channels (128-byte fp32 rows) and 64 values per
-    thread and tensor. Swept on H200 (fp32, 2^28 elements, 4 KB-32 KB tiles × 2/4/8 warps, runs/ sweep in
-    benchmarks/results/scan_sweep_h200.jsonl): look-back is fastest with 4096-element tiles on 2 warps for 32-channel
-    rows and 8192 on 4 warps for 16-channel rows (57-67% of copy at N = 256 against 38-49% for the former 2048 × 4);
-    the loop kernel with 16-channel rows, 2048 elements on 2 warps (``loop``)."""
+    thread and tensor. Swept on H200 (fp32, 2^28 elements, 2k-8k-element tiles × 2/4/8 warps: ``python -m
+    pflow_dist.bench.scan_sweep``, rows in benchmarks/results/scan_sweep_h200.jsonl): look-back is fastest with
+    4096-element tiles on 2 warps for 32-channel rows and 8192 on 4 warps for 16-channel rows (57-67% of copy at
+    N = 256 against 38-49% for the former 2048 × 4); the loop kernel (``loop``) with 16-channel rows, 2048 elements
+    on 2 warps."""
     bn = block_n or min(32, triton.next_power_of_2(N))
     if loop:
         return block_t or max(16, 2048 // bn), bn, 2
@@ -389,8 +370,7 @@ def diag_scan_triton(
                 a, b, init if init is not None else dummy, out, last, state, counter,
                 h if want_da else dummy, h0 if h0 is not None else dummy, da if want_da else dummy,
                 T, N, G, n_chunks, n_seq, HAS_GT=init is not None, HAS_DA=want_da, HAS_H0=h0 is not None,
-                PUBLISH_INCLUSIVE=publish_inclusive, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window,
-                num_warps=warps,
+                PUBLISH_INCLUSIVE=publish_inclusive, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, num_warps=warps,
             )
         else:
             lookback_diag_scan_fwd_kernel[grid](

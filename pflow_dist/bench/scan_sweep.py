@@ -1,0 +1,100 @@
+"""Tile sweep of the diagonal scan's Triton kernels: ``python -m pflow_dist.bench.scan_sweep [--case B,T,N ...]``.
+
+Runs the forward of :func:`pflow_dist.kernels.scan.diag.diag_scan_triton` (fp32) for every algorithm (look-back,
+loop, three-pass) over rows of 8/16/32 channels, 2048-8192-element tiles and 2/4/8 warps (and ``auto``), checks each
+result against the three-pass one, and writes one JSON line per configuration: time, fraction of the device copy
+bandwidth measured in the same run (3 tensors moved: a, b in, h out), relative error. ``diag_tile_config`` and the
+``auto`` dispatch come from its H200 output (``benchmarks/results/scan_sweep_h200.jsonl``). On CPU it runs through the
+Triton interpreter (tiny cases, for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from ..kernels.scan.diag import diag_scan_triton
+from .harness import measure
+from .scan import copy_bandwidth
+
+DEFAULT_CASES = ((16, 2**16, 256), (4, 2**18, 256), (1, 2**20, 256), (1, 2**22, 64), (1, 2**24, 16))
+
+
+def configs(B: int, N: int) -> Iterator[dict]:
+    """The keyword sets swept for one ``[B, T, N]`` case (``diag_scan_triton`` arguments)."""
+    for bn, elems, warps in itertools.product((8, 16, 32), (2048, 4096, 8192), (2, 4, 8)):
+        if bn <= max(8, N):
+            yield dict(algorithm="lookback", block_n=bn, block_t=elems // bn, num_warps=warps)
+    for bn, elems, warps in itertools.product((16, 32), (2048, 4096), (2, 4)):
+        if B * -(-N // bn) >= 64:  # a loop program per (sequence, channel group): only with enough of them
+            yield dict(algorithm="loop", block_n=bn, block_t=elems // bn, num_warps=warps)
+    yield dict(algorithm="chunk")
+    yield dict(algorithm="auto")
+
+
+def sweep(cases: Sequence[tuple[int, int, int]], device: torch.device, warmup: int = 3, rep: int = 20,
+          grid: Callable[[int, int], Iterable[dict]] = configs) -> Iterator[dict]:
+    """Yield one result row per (case, configuration in ``grid(B, N)``); a configuration that fails gets an
+    ``error`` row instead of ``ms``/``err``."""
+    bw = copy_bandwidth(device)
+    for B, T, N in cases:
+        gen = torch.Generator(device=device).manual_seed(0)
+        a = 0.9 + 0.1 * torch.rand(B, T, N, device=device, generator=gen)
+        b = torch.randn(B, T, N, device=device, generator=gen)
+        ref = diag_scan_triton(a, b, None, algorithm="chunk")[0]
+        for kw in grid(B, N):
+            row: dict = dict(case=f"B{B}-T{T}-N{N}", **kw)
+            try:
+                h = diag_scan_triton(a, b, None, **kw)[0]
+                row["err"] = ((h - ref).abs().max() / ref.abs().max()).item()
+                run = lambda a=a, b=b, kw=kw: diag_scan_triton(a, b, None, **kw)  # noqa: E731
+                row["ms"] = measure(run, device, warmup, rep).median_ms
+                if bw is not None:
+                    row["copy_GBps"] = bw
+                    row["frac"] = 3 * a.numel() * 4 / (row["ms"] * 1e-3) / 1e9 / bw
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is a result too
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            yield row
+
+
+def _case(text: str) -> tuple[int, int, int]:
+    try:
+        B, T, N = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a case is B,T,N (three integers), got {text!r}") from None
+    if min(B, T, N) < 1:
+        raise argparse.ArgumentTypeError(f"B, T and N must be positive, got {text!r}")
+    return B, T, N
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", type=_case, action="append", help="B,T,N (repeatable; default: 2^28 elements "
+                        "at T = 2^16 ... 2^24)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rep", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("scan_sweep.jsonl"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    with args.out.open("w") as f:
+        for row in sweep(args.case or DEFAULT_CASES, device, args.warmup, args.rep):
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            cfg = {k: v for k, v in row.items() if k in ("algorithm", "block_n", "block_t", "num_warps")}
+            result = row.get("error") or (f"{row['ms']:.3f} ms" + (f", {100 * row['frac']:.1f}% of copy"
+                                                                  if "frac" in row else "") + f", err {row['err']:.1e}")
+            print(f"[{time.perf_counter() - t0:6.1f} s] {row['case']} {cfg}: {result}", flush=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

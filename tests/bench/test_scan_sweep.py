@@ -1,0 +1,28 @@
+"""The diagonal-scan tile sweep (pflow_dist.bench.scan_sweep) on CPU through the Triton interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pflow_dist.bench import scan_sweep
+
+
+def test_sweep_rows_check_every_configuration_against_three_pass():
+    grid = lambda B, N: [dict(algorithm="lookback", block_n=4, block_t=8, num_warps=4),  # noqa: E731
+                         dict(algorithm="loop", block_n=4, block_t=8, num_warps=2),
+                         dict(algorithm="lookback", block_n=4, block_t=3, num_warps=4)]  # not a power of two
+    rows = list(scan_sweep.sweep([(2, 40, 6)], torch.device("cpu"), warmup=0, rep=1, grid=grid))
+    assert [r["algorithm"] for r in rows] == ["lookback", "loop", "lookback"]
+    for r in rows[:2]:  # 5 tiles per sequence, 2 channel groups: the look-back and the carried loop state
+        assert r["case"] == "B2-T40-N6" and r["ms"] > 0 and r["err"] < 1e-6 and "error" not in r
+    assert "ms" not in rows[2] and rows[2]["error"]
+
+
+def test_default_grid_and_cli(tmp_path, capsys):
+    kinds = {c["algorithm"] for c in scan_sweep.configs(16, 256)}
+    assert kinds == {"lookback", "loop", "chunk", "auto"}
+    assert "loop" not in {c["algorithm"] for c in scan_sweep.configs(1, 256)}  # 8-16 programs cannot fill a GPU
+    with pytest.raises(SystemExit):
+        scan_sweep.main(["--case", "1,2"])
+    assert "a case is B,T,N" in capsys.readouterr().err
