@@ -91,6 +91,8 @@ class ScaleConfig:
         bad = [p for p in self.world_sizes if self.total_tokens(p) % p]
         if bad:
             why.append(f"a sequence divisible by every world size (not by {bad})")
+        if self.chunk_size not in (16, 32, 64):
+            why.append(f"chunk_size 16, 32 or 64 (got {self.chunk_size})")
         if why:
             raise ValueError("impl 'fla-cp' needs " + "; ".join(why))
 

@@ -42,8 +42,8 @@ def test_comm_bytes_grow_with_ranks():
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
     (dict(impls=("ours", "mamba")), "impls must be a non-empty subset"),
     (dict(passes="bwd"), "passes must be one of"),
-    (dict(impls=("fla-cp",), mode="strong", batch=2, tokens=33, world_sizes=(1, 2)),
-     "fla-cp' needs CUDA GPUs.*bf16/fp16.*batch 1.*gated=True.*not by \\[2\\]"),
+    (dict(impls=("fla-cp",), mode="strong", batch=2, tokens=33, world_sizes=(1, 2), chunk_size=128),
+     "fla-cp' needs CUDA GPUs.*bf16/fp16.*batch 1.*gated=True.*not by \\[2\\].*chunk_size 16, 32 or 64 \\(got 128\\)"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
