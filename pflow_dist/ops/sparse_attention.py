@@ -40,7 +40,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_DIM = 256  # head dims of the Triton kernels (a [64, D] fp32 accumulator per program)
 # Whole-op calls on CUDA: our Triton kernels from this length on, FlexAttention below. H200, bf16, H16 D128 g4
 # (benchmarks/results/attention_h200.jsonl, one autograd function): fwd+bwd 1.16x Flex at T = 131k w = 2048, 1.61x at
-# w = 512, 1.19x at T = 1M with 32.2 vs 37.2 GiB peak; 0.63x at T = 8k (per-call host overhead). T between 8k and 131k
+# w = 512, 1.19x at T = 1M with 32.2 vs 37.2 GiB peak; 0.63x at T = 8k (likely per-call overhead). T from 8k to 131k
 # is not measured, so the switch sits at the shortest measured win.
 AUTO_TRITON_MIN_T = 131072
 
