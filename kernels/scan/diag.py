@@ -100,8 +100,12 @@ def _lookback_diag_scan(
     T, N, G, n_chunks, n_seq,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr,
     HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
+    # A program owns SEG consecutive tiles of one sequence ("chunk" below counts these segments; n_chunks of them).
+    # SEG = 1: the tile stays in registers from its aggregate to its store. SEG > 1: the aggregate is streamed over
+    # the segment's tiles, the look-back runs once, and the tiles are read again, from L2 while the segments in
+    # flight fit there, so HBM still sees each input once while the look-back latency is paid once per SEG tiles.
     tile = tl.atomic_add(counter_ptr, 1)  # dynamic tile index: chunk-major, so every sequence advances together
     chunk = tile // n_seq
     seq = tile % n_seq
@@ -109,11 +113,21 @@ def _lookback_diag_scan(
     offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     base = bi.to(tl.int64) * T * N
-    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
-    A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
     rows_t = tl.arange(0, BLOCK_T)
-    agg_a = _last_row(A_loc, rows_t, BLOCK_T)
-    agg_b = _last_row(B_loc, rows_t, BLOCK_T)
+    if SEG == 1:
+        a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+        A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
+        agg_a = _last_row(A_loc, rows_t, BLOCK_T)
+        agg_b = _last_row(B_loc, rows_t, BLOCK_T)
+    else:
+        agg_a = tl.full([BLOCK_N], 1.0, tl.float32)
+        agg_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i in tl.range(0, SEG, num_stages=NUM_STAGES):
+            a, b, _, _ = _load_tile(a_ptr, b_ptr, base, chunk * SEG + i, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+            A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
+            last_a = _last_row(A_loc, rows_t, BLOCK_T)
+            agg_b = last_a * agg_b + _last_row(B_loc, rows_t, BLOCK_T)
+            agg_a = last_a * agg_a
 
     # state layout: [n_seq * n_chunks, 3, BLOCK_N] int32 words (agg a, agg b, inclusive state)
     slot = (seq.to(tl.int64) * n_chunks + chunk) * 3 * BLOCK_N
@@ -168,20 +182,28 @@ def _lookback_diag_scan(
     if STORE_FINAL:
         if chunk == n_chunks - 1:
             tl.store(hT_ptr + bi.to(tl.int64) * N + offs_n, inclusive, mask=mask_n)
-    _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
-                HAS_DA)
+    if SEG == 1:
+        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
+                    HAS_DA)
+    else:
+        for i in tl.range(0, SEG, num_stages=NUM_STAGES):
+            a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk * SEG + i, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+            A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
+            _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi,
+                        HAS_H0_DA, HAS_DA)
+            carry = _last_row(A_loc, rows_t, BLOCK_T) * carry + _last_row(B_loc, rows_t, BLOCK_T)
 
 
 @triton.jit
 def lookback_diag_scan_fwd_kernel(
     a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, T, N, G, n_chunks, n_seq,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """h_t = a_t ⊙ h_{t-1} + b_t in one pass (look-back); grid = n_chunks · n_seq tiles."""
+    """h_t = a_t ⊙ h_{t-1} + b_t in one pass (look-back); grid = n_chunks · n_seq segments of SEG tiles."""
     _lookback_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, h_ptr, init_ptr, h_ptr,
                         T, N, G, n_chunks, n_seq, HAS_INIT, STORE_FINAL, False, False, False, PUBLISH_INCLUSIVE,
-                        BLOCK_T, BLOCK_N, WINDOW)
+                        BLOCK_T, BLOCK_N, WINDOW, SEG, NUM_STAGES)
 
 
 @triton.jit
@@ -189,12 +211,12 @@ def lookback_diag_scan_bwd_kernel(
     a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, state_ptr, counter_ptr, h_ptr, h0_ptr, da_ptr,
     T, N, G, n_chunks, n_seq,
     HAS_GT: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """λ_t = ḡ_t + a_{t+1} ⊙ λ_{t+1} (λ_T-1 gets ∂L/∂h_T), da_t = λ_t ⊙ h_{t-1}; λ_0 in fp32 to lam0."""
     _lookback_diag_scan(a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, state_ptr, counter_ptr, h_ptr, h0_ptr, da_ptr,
                         T, N, G, n_chunks, n_seq, HAS_GT, True, True, HAS_DA, HAS_H0, PUBLISH_INCLUSIVE,
-                        BLOCK_T, BLOCK_N, WINDOW)
+                        BLOCK_T, BLOCK_N, WINDOW, SEG, NUM_STAGES)
 
 
 @triton.jit
@@ -314,6 +336,7 @@ def diag_scan_triton(
     publish_inclusive: bool = True,
     num_warps: int | None = None,
     num_stages: int = 3,
+    segment: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the diagonal scan (no autograd, no validation: :mod:`pflow_dist.ops.scan` does both).
 
@@ -326,8 +349,10 @@ def diag_scan_triton(
         algorithm: ``"loop"`` (a program walks each sequence), ``"lookback"`` (single pass over tiles), ``"chunk"``
             (three passes) or ``"auto"``: loop when B × 16-channel groups ≥ ``LOOP_MIN_SEQS``, else look-back.
         block_t, block_n, window: tile sizes (defaults from :func:`diag_tile_config`), look-back window.
-        num_warps, num_stages: warps per program (default from :func:`diag_tile_config`) and the loop kernel's
-            prefetch depth (tuning knobs for ``pflow_dist.bench.scan``).
+        num_warps, num_stages: warps per program (default from :func:`diag_tile_config`) and the prefetch depth of
+            the loops over tiles (loop kernel, segmented look-back): tuning knobs for ``pflow_dist.bench.scan_sweep``.
+        segment: tiles per look-back program: 1 keeps the tile in registers; more streams the segment's aggregate,
+            looks back once, then re-reads the tiles (from L2 while the segments in flight fit there).
         publish_inclusive: testing knob: when False only the first tile publishes its inclusive state, so every
             tile looks back to the start (exercises the multi-window path the interpreter never reaches otherwise).
 
@@ -335,6 +360,8 @@ def diag_scan_triton(
         ``(out [B, T, N] in out_dtype, last [B, N] fp32 — h_T forward, λ_0 reverse, da or None)``.
     """
     B, T, N = b.shape
+    if segment < 1:
+        raise ValueError(f"segment must be >= 1 tile, got {segment}")
     if algorithm == "auto":
         algorithm = "loop" if B * triton.cdiv(N, LOOP_BLOCK_N) >= LOOP_MIN_SEQS else "lookback"
         if algorithm == "loop" and block_n is None:
@@ -359,24 +386,24 @@ def diag_scan_triton(
                                                 NUM_STAGES=num_stages, num_warps=warps)
         return out, last, da
     if algorithm == "lookback":
-        state = torch.full((n_seq * n_chunks * 3 * bn,), SENTINEL, dtype=torch.int32, device=b.device)
+        n_segs = triton.cdiv(n_chunks, segment)  # look-back units of `segment` tiles
+        state = torch.full((n_seq * n_segs * 3 * bn,), SENTINEL, dtype=torch.int32, device=b.device)
         counter = torch.zeros(1, dtype=torch.int32, device=b.device)
         # every thread must own distinct elements of the [WINDOW, BLOCK_N] look-back tile: replicas of one word load
         # it separately (volatile) and can disagree on "published yet", folding a map one replica counts as missing
         window = max(window, triton.cdiv(32 * warps, bn))
-        grid = (n_chunks * n_seq,)
+        common = dict(PUBLISH_INCLUSIVE=publish_inclusive, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, SEG=segment,
+                      NUM_STAGES=num_stages, num_warps=warps)
+        grid = (n_segs * n_seq,)
         if reverse:
             lookback_diag_scan_bwd_kernel[grid](
-                a, b, init if init is not None else dummy, out, last, state, counter,
-                h if want_da else dummy, h0 if h0 is not None else dummy, da if want_da else dummy,
-                T, N, G, n_chunks, n_seq, HAS_GT=init is not None, HAS_DA=want_da, HAS_H0=h0 is not None,
-                PUBLISH_INCLUSIVE=publish_inclusive, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, num_warps=warps,
+                a, b, init if init is not None else dummy, out, last, state, counter, hp, h0p, dap,
+                T, N, G, n_segs, n_seq, HAS_GT=init is not None, HAS_DA=want_da, HAS_H0=h0 is not None, **common,
             )
         else:
             lookback_diag_scan_fwd_kernel[grid](
-                a, b, init if init is not None else dummy, out, last, state, counter, T, N, G, n_chunks, n_seq,
-                HAS_INIT=init is not None, STORE_FINAL=True, PUBLISH_INCLUSIVE=publish_inclusive,
-                BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, num_warps=warps,
+                a, b, init if init is not None else dummy, out, last, state, counter, T, N, G, n_segs, n_seq,
+                HAS_INIT=init is not None, STORE_FINAL=True, **common,
             )
         return out, last, da
     if algorithm != "chunk":

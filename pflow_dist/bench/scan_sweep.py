@@ -1,9 +1,10 @@
 """Tile sweep of the diagonal scan's Triton kernels: ``python -m pflow_dist.bench.scan_sweep [--case B,T,N ...]``.
 
 Runs the forward of :func:`pflow_dist.kernels.scan.diag.diag_scan_triton` (fp32) for every algorithm (look-back,
-loop, three-pass) over rows of 8/16/32 channels, 2048-8192-element tiles and 2/4/8 warps (and ``auto``), checks each
-result against the three-pass one, and writes one JSON line per configuration: time, fraction of the device copy
-bandwidth measured in the same run (3 tensors moved: a, b in, h out), relative error. ``diag_tile_config`` and the
+segmented look-back, loop, three-pass) over rows of 8/16/32 channels, 2048-8192-element tiles, 2/4/8 warps, 2-8
+tiles per segment and 1-3 pipeline stages (and ``auto``), checks each result against the three-pass one, and writes
+one JSON line per configuration: time, fraction of the device copy bandwidth measured in the same run (3 tensors
+moved: a, b in, h out), relative error. ``diag_tile_config`` and the
 ``auto`` dispatch come from its H200 output (``benchmarks/results/scan_sweep_h200.jsonl``). On CPU it runs through the
 Triton interpreter (tiny cases, for tests).
 """
@@ -32,6 +33,12 @@ def configs(B: int, N: int) -> Iterator[dict]:
     for bn, elems, warps in itertools.product((8, 16, 32), (2048, 4096, 8192), (2, 4, 8)):
         if bn <= max(8, N):
             yield dict(algorithm="lookback", block_n=bn, block_t=elems // bn, num_warps=warps)
+    # segmented look-back: a program streams `segment` tiles, looks back once, re-reads them (L2)
+    for (bn, elems, warps), segment, stages in itertools.product(((32, 4096, 2), (16, 8192, 4), (32, 2048, 2)),
+                                                                (2, 4, 8), (1, 2, 3)):
+        if bn <= max(8, N):
+            yield dict(algorithm="lookback", block_n=bn, block_t=elems // bn, num_warps=warps, segment=segment,
+                       num_stages=stages)
     for bn, elems, warps in itertools.product((16, 32), (2048, 4096), (2, 4)):
         if B * -(-N // bn) >= 64:  # a loop program per (sequence, channel group): only with enough of them
             yield dict(algorithm="loop", block_n=bn, block_t=elems // bn, num_warps=warps)
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in sweep(args.case or DEFAULT_CASES, device, args.warmup, args.rep):
             f.write(json.dumps(row) + "\n")
             f.flush()
-            cfg = {k: v for k, v in row.items() if k in ("algorithm", "block_n", "block_t", "num_warps")}
+            cfg = {k: v for k, v in row.items() if k in ("algorithm", "block_n", "block_t", "num_warps", "segment",
+                                                         "num_stages")}
             result = row.get("error") or (f"{row['ms']:.3f} ms" + (f", {100 * row['frac']:.1f}% of copy"
                                                                   if "frac" in row else "") + f", err {row['err']:.1e}")
             print(f"[{time.perf_counter() - t0:6.1f} s] {row['case']} {cfg}: {result}", flush=True)

@@ -86,17 +86,19 @@ def test_scan_long_T_torch():
     assert_close("h_T", rT, hT, 1e-5)
 
 
-@pytest.mark.parametrize("algorithm,publish", [("lookback", True), ("lookback", False), ("chunk", True),
-                                               ("loop", True)], ids=["lookback", "lookback-deep", "chunk", "loop"])
+@pytest.mark.parametrize("algorithm,publish,segment", [("lookback", True, 1), ("lookback", False, 1),
+                                                       ("lookback", True, 3), ("lookback", False, 2),
+                                                       ("chunk", True, 1), ("loop", True, 1)],
+                         ids=["lookback", "lookback-deep", "segment3", "segment2-deep", "chunk", "loop"])
 @pytest.mark.parametrize("T", [61, 150])
-def test_diag_triton_multi_tile(algorithm, publish, T):
+def test_diag_triton_multi_tile(algorithm, publish, segment, T):
     """Many tiles per sequence (8-step tiles, 4-channel groups): the look-back across windows of 4 tiles (with
     ``publish=False`` every tile folds all its predecessors), the three-pass recursion (3 levels at T=150), the fused
-    adjoint + da."""
+    adjoint + da; ``segment`` > 1: each look-back program streams 2-3 tiles (the last segment part past T)."""
     a, b, h0 = make(1, T, 6, True, torch.float32, seed=T)
-    kw = dict(algorithm=algorithm, block_t=8, block_n=4, window=4, publish_inclusive=publish)
+    kw = dict(algorithm=algorithm, block_t=8, block_n=4, window=4, publish_inclusive=publish, segment=segment)
     if algorithm in ("chunk", "loop"):
-        kw.pop("window"), kw.pop("publish_inclusive")
+        kw.pop("window"), kw.pop("publish_inclusive"), kw.pop("segment")
     h, hT = scan_forward(a, b, h0, "triton", **kw)
     g, gT = torch.randn_like(b), torch.randn_like(h0)
     lam, lam0, da = scan_adjoint(a, g, gT, "triton", h=h, h0=h0, want_da=True, **kw)
