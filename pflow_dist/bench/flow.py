@@ -16,7 +16,9 @@ g = logsigmoid(·) when gated):
 form for rank-R cases: on ``ours-sum`` rows it measures how far the sum form is from the product form, not an error;
 ``python -m pflow_dist.bench.flow check`` measures the sum form's error against its own reference).
 
-``python -m pflow_dist.bench.flow longest`` searches the longest T that fits for fwd+bwd at B=1, H=16, D=128 (bf16).
+``python -m pflow_dist.bench.flow longest`` searches the longest T that fits for fwd+bwd at B=1, H=16, D=128 (bf16);
+``python -m pflow_dist.bench.flow kernels [--gated]`` lists the device time of every kernel that ours and fla launch at
+B4 T8192 H16 D128 (torch profiler), forward and forward+backward.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -247,8 +250,6 @@ def sweep(gated: bool = False) -> list[dict]:
     """Per-kernel CUDA time (torch profiler) of fwd+bwd at B4 T8192 H16 D128 bf16 for every config in SWEEP."""
     import os  # noqa: PLC0415
 
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
     from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
 
     x = {n: t.requires_grad_(True) for n, t in _fwd_bwd_inputs(4, 8192, 16, 128, torch.bfloat16, 1, gated).items()}
@@ -257,22 +258,56 @@ def sweep(gated: bool = False) -> list[dict]:
         os.environ["FLOW_CFG"] = cfg
         row = {"what": "sweep", "cfg": cfg, "gated": gated}
         try:
-            for _ in range(2):
-                o, _ = chunk_flow(**x)
-                o.backward(torch.ones_like(o))
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    o, _ = chunk_flow(**x)
-                    o.backward(torch.ones_like(o))
-                torch.cuda.synchronize()
-            row["kernels_us"] = {e.key: e.device_time_total / 3 for e in prof.key_averages()
-                                 if "chunk_flow" in e.key}
+            row["kernels_us"] = {k: us for k, us in _kernel_times(lambda: chunk_flow(**x)[0], True).items()
+                                 if "chunk_flow" in k}
         except Exception as e:  # a config that fails to compile or run is a result
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
     os.environ.pop("FLOW_CFG", None)
+    return rows
+
+
+def _kernel_times(fn: Callable[[], torch.Tensor], backward: bool, rep: int = 3) -> dict[str, float]:
+    """Device time per call of every CUDA kernel that ``fn`` (and, with ``backward``, its backward) launches, in µs
+    averaged over ``rep`` profiled calls after two warm-up calls (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    def call() -> None:
+        o = fn()
+        if backward:
+            o.backward(torch.ones_like(o))
+
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(rep):
+            call()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / rep for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def kernels(B=4, T=8192, H=16, D=128, gated: bool = False) -> list[dict]:
+    """Per-kernel device time of ours and fla on the same inputs, forward alone and forward+backward, bf16: where
+    each implementation spends its time (one row per implementation and pass; kernels sorted by time)."""
+    x = {n: t.requires_grad_(True) for n, t in _fwd_bwd_inputs(B, T, H, D, torch.bfloat16, 1, gated).items()}
+    impls = {"ours": lambda: _ours(x)[0]}
+    if _fla_unavailable(torch.device("cuda")) is None:
+        impls["fla"] = lambda: _fla(x)[0]
+    rows = []
+    for impl, fn in impls.items():
+        for passes in ("fwd", "fwd+bwd"):
+            row = {"what": "kernels", "case": f"B{B}-T{T}-H{H}-D{D}" + ("-gated" if gated else ""), "impl": impl,
+                   "passes": passes}
+            try:
+                us = _kernel_times(fn, passes == "fwd+bwd")
+                row["total_us"] = sum(us.values())
+                row["kernels_us"] = dict(sorted(us.items(), key=lambda kv: -kv[1]))
+            except Exception as e:  # noqa: BLE001 - fla's gated backward refuses Hopper on Triton 3.6: a result
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -329,7 +364,7 @@ def _bench(cases: list[str], impls: list[str], out: str | None) -> None:
 
 def _main() -> None:
     ap = argparse.ArgumentParser(description="Extra flow measurements on CUDA: full-size check, longest T, bench.")
-    ap.add_argument("what", choices=["longest", "check", "bench", "warm", "sweep", "groups"])
+    ap.add_argument("what", choices=["longest", "check", "bench", "warm", "sweep", "groups", "kernels"])
     ap.add_argument("--cfg", default="")
     ap.add_argument("--gated", action="store_true")
     ap.add_argument("--case", action="append", default=[])
@@ -342,7 +377,8 @@ def _main() -> None:
     if a.what == "warm":
         warm(a.cfg)
         return
-    rows = {"longest": longest, "check": check, "sweep": lambda: sweep(a.gated), "groups": groups_sweep}[a.what]()
+    rows = {"longest": longest, "check": check, "sweep": lambda: sweep(a.gated), "groups": groups_sweep,
+            "kernels": lambda: kernels(gated=a.gated)}[a.what]()
     if a.out:
         with open(a.out, "a") as f:
             for r in rows:
