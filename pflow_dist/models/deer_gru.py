@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,7 @@ def train_long_memory(
     seed: int = 0,
     eval_batch: int = 0,
     device: torch.device | str | None = None,
+    on_step: Callable[[int, float, float, list[int]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` with Adam on fresh batches of the long-memory task (the same batches for the same seed).
 
@@ -104,6 +106,7 @@ def train_long_memory(
         seed: the data seed (two models trained with the same seed see the same batches).
         eval_batch: size of a held-out batch scored at the end (0: none).
         device: where to train (the model is moved there).
+        on_step: called after every step with ``(step, loss, accuracy, DEER iterations per layer)`` (progress).
 
     Returns:
         :class:`TrainResult`.
@@ -122,6 +125,8 @@ def train_long_memory(
         out.losses.append(loss.item())
         out.accuracies.append((logits.argmax(-1) == y).float().mean().item())
         out.iterations.append(list(model.last_iterations))
+        if on_step is not None:
+            on_step(len(out.losses), out.losses[-1], out.accuracies[-1], out.iterations[-1])
     if eval_batch:
         x, y = make_long_memory(task, eval_batch, torch.Generator().manual_seed(seed + 10**6), device)
         with torch.no_grad():

@@ -1,0 +1,32 @@
+"""``pflow-dist deer-train`` on a small CPU run: DEER and the sequential GRU from the same weights, progress, metrics,
+plot and a summary; bad options are named."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from pflow_dist.cli import app
+
+
+def test_deer_train_small_run_writes_metrics_plot_and_matching_curves(tmp_path):
+    res = CliRunner().invoke(app, ["deer-train", "--seq-len", "48", "--steps", "6", "--batch", "8", "--hidden", "8",
+                                   "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    deer = [r for r in rows if r["mode"] == "deer"]
+    seq = [r for r in rows if r["mode"] == "sequential"]
+    assert [r["step"] for r in deer] == [r["step"] for r in seq] == list(range(1, 7))
+    assert all(1 <= r["iterations"][0] <= 49 for r in deer) and all(r["iterations"] == [] for r in seq)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(deer, seq)) < 1e-4  # same weights, same batches
+    assert (tmp_path / "deer_train.png").stat().st_size > 0
+    assert "largest step-wise loss gap" in res.output and "held-out accuracy" in res.output
+
+
+def test_deer_train_rejects_bad_options(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["deer-train", "--method", "adam", "--out-dir", str(tmp_path)])
+    assert res.exit_code != 0 and "method must be quasi, newton or damped" in res.output
+    res = runner.invoke(app, ["deer-train", "--seq-len", "1", "--out-dir", str(tmp_path)])
+    assert res.exit_code != 0 and "seq-len" in res.output
