@@ -34,12 +34,13 @@ def demo(
 def deer_train(
     seq_len: Annotated[int, typer.Option(min=2, help="Sequence length T (the cue lies in its first 10%).")] = 16384,
     steps: Annotated[int, typer.Option(min=1, help="Adam steps.")] = 200,
-    batch: Annotated[int, typer.Option(min=1, help="Sequences per batch.")] = 16,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per batch.")] = 32,
     hidden: Annotated[int, typer.Option(min=1, help="GRU width.")] = 16,
     layers: Annotated[int, typer.Option(min=1, help="Stacked GRU layers.")] = 1,
     classes: Annotated[int, typer.Option(min=2, help="Labels (chance = 1/classes).")] = 2,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-2,
     method: Annotated[str, typer.Option(help="DEER's Newton variant: quasi, newton or damped.")] = "quasi",
+    chrono: Annotated[bool, typer.Option(help="Chrono-initialise the update gates for memories up to T steps.")] = True,
     compare: Annotated[bool, typer.Option(help="Also train the sequential GRU from the same weights.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Weights and data seed.")] = 0,
@@ -57,7 +58,8 @@ def deer_train(
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda, but no CUDA device is visible", param_hint="--device")
     run_deer_train(seq_len=seq_len, steps=steps, batch=batch, hidden=hidden, layers=layers, classes=classes, lr=lr,
-                   method=method, compare=compare, device=device, seed=seed, out_dir=out_dir, console=console)
+                   method=method, chrono=chrono, compare=compare, device=device, seed=seed, out_dir=out_dir,
+                   console=console)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -32,6 +32,10 @@ class DEERGRUClassifier(nn.Module):
         mode: ``"deer"`` (parallel Newton, :func:`~pflow_dist.ops.deer.deer_rnn`) or ``"sequential"`` (the
             ``nn.GRU`` module itself).
         method, atol, rtol, max_iter, backend: passed to ``deer_rnn``.
+        chrono: when given, the "chrono" initialisation of the update gates for memories up to this many steps
+            (Tallec & Ollivier 2018, "Can recurrent neural networks warp time?", arXiv 1804.11188): the bias of
+            z (h' = (1 − z) n + z h) is log u with u ~ U(1, chrono − 1), split between bias_ih and bias_hh, so unit
+            i starts with a retention time of about 1 + u_i steps instead of ~2.
 
     Shapes:
         ``x [B, T, I]`` → logits ``[B, n_classes]``.
@@ -45,7 +49,7 @@ class DEERGRUClassifier(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, n_classes: int, n_layers: int = 1, mode: str = "deer",
                  method: str = "quasi", atol: float | None = None, rtol: float | None = None, max_iter: int = 100,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", chrono: int | None = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -59,6 +63,14 @@ class DEERGRUClassifier(nn.Module):
         self.grus = nn.ModuleList(nn.GRU(hidden, hidden, batch_first=True) for _ in range(n_layers))
         self.head = nn.Linear(hidden, n_classes)
         self.last_iterations: list[int] = []
+        if chrono is not None:
+            if chrono < 3:
+                raise ValueError(f"chrono must be >= 3 steps, got {chrono}")
+            with torch.no_grad():
+                for gru in self.grus:
+                    b = torch.log(torch.empty(hidden).uniform_(1.0, chrono - 1.0))
+                    gru.bias_ih_l0[hidden:2 * hidden] = b / 2  # gate order r, z, n: z is the second block
+                    gru.bias_hh_l0[hidden:2 * hidden] = b / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
