@@ -41,6 +41,8 @@ def deer_train(
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-2,
     method: Annotated[str, typer.Option(help="DEER's Newton variant: quasi, newton or damped.")] = "quasi",
     chrono: Annotated[bool, typer.Option(help="Chrono-initialise the update gates for memories up to T steps.")] = True,
+    noise: Annotated[float | None, typer.Option(min=0.0, help="Background noise std (default: 0.1·sqrt(4096/T), at "
+                                                       "most 0.3).")] = None,
     compare: Annotated[bool, typer.Option(help="Also train the sequential GRU from the same weights.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Weights and data seed.")] = 0,
@@ -58,8 +60,8 @@ def deer_train(
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda, but no CUDA device is visible", param_hint="--device")
     run_deer_train(seq_len=seq_len, steps=steps, batch=batch, hidden=hidden, layers=layers, classes=classes, lr=lr,
-                   method=method, chrono=chrono, compare=compare, device=device, seed=seed, out_dir=out_dir,
-                   console=console)
+                   method=method, chrono=chrono, noise=noise, compare=compare, device=device, seed=seed,
+                   out_dir=out_dir, console=console)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
