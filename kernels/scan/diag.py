@@ -95,6 +95,23 @@ def _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0
 
 
 @triton.jit
+def _scan_tiles(carry, first, n_tiles, a_ptr, b_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr, base, bi, T, N, offs_n, mask_n,
+                REVERSE: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0_DA: tl.constexpr, BLOCK_T: tl.constexpr,
+                NUM_STAGES: tl.constexpr):
+    """Scan tiles ``first .. first + n_tiles - 1`` of one sequence in order from the state ``carry`` entering the
+    first, storing h (and da); returns the state leaving the last. Tile addresses do not depend on the carry, so the
+    compiler prefetches NUM_STAGES tiles ahead."""
+    rows_t = tl.arange(0, BLOCK_T)
+    for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
+        a, b, t, m = _load_tile(a_ptr, b_ptr, base, first + i, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
+        A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
+        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
+                    HAS_DA)
+        carry = _last_row(A_loc, rows_t, BLOCK_T) * carry + _last_row(B_loc, rows_t, BLOCK_T)
+    return carry
+
+
+@triton.jit
 def _lookback_diag_scan(
     a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, hprev_ptr, h0_ptr, da_ptr,
     T, N, G, n_chunks, n_seq,
@@ -186,12 +203,8 @@ def _lookback_diag_scan(
         _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
                     HAS_DA)
     else:
-        for i in tl.range(0, SEG, num_stages=NUM_STAGES):
-            a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk * SEG + i, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
-            A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
-            _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi,
-                        HAS_H0_DA, HAS_DA)
-            carry = _last_row(A_loc, rows_t, BLOCK_T) * carry + _last_row(B_loc, rows_t, BLOCK_T)
+        _scan_tiles(carry, chunk * SEG, SEG, a_ptr, b_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr, base, bi, T, N, offs_n,
+                    mask_n, REVERSE, HAS_DA, HAS_H0_DA, BLOCK_T, NUM_STAGES)
 
 
 @triton.jit
@@ -232,14 +245,8 @@ def _loop_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, hprev_ptr, h0_ptr, da
         carry = tl.load(init_ptr + bi.to(tl.int64) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros([BLOCK_N], dtype=tl.float32)
-    rows_t = tl.arange(0, BLOCK_T)
-    # tile addresses do not depend on the carry, so the compiler prefetches NUM_STAGES tiles ahead
-    for chunk in tl.range(0, n_chunks, num_stages=NUM_STAGES):
-        a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
-        A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
-        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
-                    HAS_DA)
-        carry = _last_row(A_loc, rows_t, BLOCK_T) * carry + _last_row(B_loc, rows_t, BLOCK_T)
+    carry = _scan_tiles(carry, 0, n_chunks, a_ptr, b_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr, base, bi, T, N, offs_n,
+                        mask_n, REVERSE, HAS_DA, HAS_H0_DA, BLOCK_T, NUM_STAGES)
     tl.store(hT_ptr + bi.to(tl.int64) * N + offs_n, carry, mask=mask_n)
 
 
