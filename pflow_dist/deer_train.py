@@ -17,6 +17,7 @@ import torch
 
 from .data.long_memory import LongMemoryTask
 from .models.deer_gru import MODES, DEERGRUClassifier, TrainResult, train_long_memory
+from .plotting import save_figure
 
 __all__ = ["run_deer_train"]
 
@@ -42,11 +43,7 @@ def _plot(results: dict[str, TrainResult], path: Path, T: int, chance: float) ->
     ax2.set_ylabel("batch accuracy")
     ax2.legend(loc="lower right")
     fig.suptitle(f"DEER-GRU vs sequential GRU on the long-memory task, T = {T:,}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_deer_train(

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .plotting import save_figure
+
 __all__ = ["demo_config", "run_demo"]
 
 
@@ -59,11 +61,7 @@ def _plot(history: dict[str, list], chance: float, path: Path) -> Path:
     ax2.set_ylabel("recall accuracy")
     ax2.legend(loc="lower right")
     fig.suptitle("pflow_dist demo: FlowLM learns multi-query associative recall on CPU")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_demo(

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..plotting import save_figure
 from ..testing.distributed import run_distributed
 from .harness import BenchRow, command_line, device_name, versions
 
@@ -267,9 +268,4 @@ def plot(rows: Sequence[BenchRow], path: str | Path) -> Path:
     ax2.legend()
     ax2.set(xscale="log", xlabel="ranks", ylabel="efficiency %", ylim=(0, 110), title=rows[0].case.split("-", 1)[1])
     ax2.set_xticks(P, [str(p) for p in P])
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
