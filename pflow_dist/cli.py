@@ -49,16 +49,12 @@ def deer_train(
     out_dir: Annotated[Path, typer.Option(help="Where metrics.jsonl and the plot go.")] = Path("deer_train"),
 ) -> None:
     """Train the DEER-GRU classifier on the long-memory task (T = 16k by default), beside the sequential GRU."""
-    from .deer_train import run_deer_train
+    from .deer_train import check_deer_train_args, run_deer_train
 
-    if method not in ("quasi", "newton", "damped"):
-        raise typer.BadParameter(f"method must be quasi, newton or damped, got {method!r}", param_hint="--method")
-    if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"device must be auto, cpu or cuda, got {device!r}", param_hint="--device")
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("--device cuda, but no CUDA device is visible", param_hint="--device")
+    try:
+        device = check_deer_train_args(method, device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     run_deer_train(seq_len=seq_len, steps=steps, batch=batch, hidden=hidden, layers=layers, classes=classes, lr=lr,
                    method=method, chrono=chrono, noise=noise, compare=compare, device=device, seed=seed,
                    out_dir=out_dir, console=console)

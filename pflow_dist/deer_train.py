@@ -17,9 +17,23 @@ import torch
 
 from .data.long_memory import LongMemoryTask
 from .models.deer_gru import MODES, DEERGRUClassifier, TrainResult, train_long_memory
+from .ops.deer import METHODS
 from .plotting import save_figure
 
-__all__ = ["run_deer_train"]
+__all__ = ["check_deer_train_args", "run_deer_train"]
+
+def check_deer_train_args(method: str, device: str) -> str:
+    """Reject a Newton variant or device ``run_deer_train`` cannot use (ValueError); return the device resolved
+    (``"auto"`` → ``"cuda"`` when a CUDA device is visible, else ``"cpu"``)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be quasi, newton or damped, got {method!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is visible")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def _plot(results: dict[str, TrainResult], path: Path, T: int, chance: float) -> Path:
@@ -95,10 +109,7 @@ def run_deer_train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    device = check_deer_train_args(method, device)
     if noise is None:
         noise = min(0.3, 0.1 * (4096 / seq_len) ** 0.5)
     task = LongMemoryTask(T=seq_len, n_classes=classes, in_dim=classes + 2, cue_frac=0.1, noise=noise)

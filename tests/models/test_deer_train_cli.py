@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from pflow_dist.cli import app
+from pflow_dist.deer_train import run_deer_train
 
 
 def test_deer_train_small_run_writes_metrics_plot_and_matching_curves(tmp_path):
@@ -30,3 +32,7 @@ def test_deer_train_rejects_bad_options(tmp_path):
     assert res.exit_code != 0 and "method must be quasi, newton or damped" in res.output
     res = runner.invoke(app, ["deer-train", "--seq-len", "1", "--out-dir", str(tmp_path)])
     assert res.exit_code != 0 and "seq-len" in res.output
+    res = runner.invoke(app, ["deer-train", "--device", "tpu", "--out-dir", str(tmp_path)])
+    assert res.exit_code != 0 and "device must be auto, cpu or cuda" in res.output
+    with pytest.raises(ValueError, match="method must be quasi, newton or damped, got 'adam'"):
+        run_deer_train(seq_len=48, steps=1, method="adam", out_dir=tmp_path)
