@@ -40,6 +40,9 @@ def deer_train(
     classes: Annotated[int, typer.Option(min=2, help="Labels (chance = 1/classes).")] = 2,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-2,
     method: Annotated[str, typer.Option(help="DEER's Newton variant: quasi, newton or damped.")] = "quasi",
+    max_iter: Annotated[int, typer.Option(min=1, help="Newton iterations per solve before DEER gives up.")] = 100,
+    fallback: Annotated[bool, typer.Option(help="Run a layer sequentially for a step whose DEER solve did not "
+                                                "converge (counted) instead of stopping.")] = True,
     chrono: Annotated[bool, typer.Option(help="Chrono-initialise the update gates for memories up to T steps.")] = True,
     noise: Annotated[float | None, typer.Option(min=0.0, help="Background noise std (default: 0.1·sqrt(4096/T), at "
                                                        "most 0.3).")] = None,
@@ -56,8 +59,8 @@ def deer_train(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     run_deer_train(seq_len=seq_len, steps=steps, batch=batch, hidden=hidden, layers=layers, classes=classes, lr=lr,
-                   method=method, chrono=chrono, noise=noise, compare=compare, device=device, seed=seed,
-                   out_dir=out_dir, console=console)
+                   method=method, max_iter=max_iter, fallback=fallback, chrono=chrono, noise=noise, compare=compare,
+                   device=device, seed=seed, out_dir=out_dir, console=console)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -319,6 +319,22 @@ def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = N
 # B1 T2^24 N16; 57.7% against 45.2% at B1 T2^20 N256).
 LOOP_MIN_SEQS = 256
 LOOP_BLOCK_N = 16
+# With at most SEGMENT_MAX_SEQS sequences × 32-channel groups and more than 16 channels, the look-back latency is
+# paid by few, long rows of tiles: segments of SEGMENT_TILES 2048-element tiles (1 pipeline stage) win. H200 sweep
+# (scan_sweep_h200.jsonl, second run): 56.1% of copy at B1 T2^22 N64 (2 groups) against 45.7% for plain look-back;
+# even (56.8% against 57.4%) at B1 T2^20 N256 (8 groups); slower at N16 (35% against 49%).
+SEGMENT_MAX_SEQS = 2
+SEGMENT_TILES = 8
+
+
+def auto_algorithm(B: int, N: int) -> dict:
+    """The ``diag_scan_triton`` keywords ``algorithm="auto"`` resolves to for ``[B, *, N]`` (tile sizes, warps and
+    stages not listed here come from :func:`diag_tile_config` and the defaults)."""
+    if B * triton.cdiv(N, LOOP_BLOCK_N) >= LOOP_MIN_SEQS:
+        return dict(algorithm="loop", block_n=LOOP_BLOCK_N)
+    if N > 16 and B * triton.cdiv(N, 32) <= SEGMENT_MAX_SEQS:
+        return dict(algorithm="lookback", segment=SEGMENT_TILES, block_t=2048 // 32, num_stages=1)
+    return dict(algorithm="lookback")
 
 
 def _grid_dims(B: int, T: int, N: int, bt: int, bn: int) -> tuple[int, int, int]:
@@ -354,7 +370,8 @@ def diag_scan_triton(
         out_dtype: dtype of the per-step output (``b.dtype`` when ``None``).
         h, h0: forward states ``[B, T, N]`` and initial state for ``da = λ ⊙ h_{t-1}`` (reverse with want_da).
         algorithm: ``"loop"`` (a program walks each sequence), ``"lookback"`` (single pass over tiles), ``"chunk"``
-            (three passes) or ``"auto"``: loop when B × 16-channel groups ≥ ``LOOP_MIN_SEQS``, else look-back.
+            (three passes) or ``"auto"`` (:func:`auto_algorithm`: the loop with many sequences × channel groups, the
+            segmented look-back with one or two, else the look-back; given tile sizes or segment are kept).
         block_t, block_n, window: tile sizes (defaults from :func:`diag_tile_config`), look-back window.
         num_warps, num_stages: warps per program (default from :func:`diag_tile_config`) and the prefetch depth of
             the loops over tiles (loop kernel, segmented look-back): tuning knobs for ``pflow_dist.bench.scan_sweep``.
@@ -370,8 +387,12 @@ def diag_scan_triton(
     if segment < 1:
         raise ValueError(f"segment must be >= 1 tile, got {segment}")
     if algorithm == "auto":
-        algorithm = "loop" if B * triton.cdiv(N, LOOP_BLOCK_N) >= LOOP_MIN_SEQS else "lookback"
-        if algorithm == "loop" and block_n is None:
+        chosen = auto_algorithm(B, N)
+        algorithm = chosen.pop("algorithm")
+        if block_t is None and block_n is None and segment == 1:  # explicit tiles keep only the algorithm choice
+            block_t, block_n = chosen.get("block_t"), chosen.get("block_n")
+            segment, num_stages = chosen.get("segment", segment), chosen.get("num_stages", num_stages)
+        elif algorithm == "loop" and block_n is None:
             block_n = LOOP_BLOCK_N
     bt, bn, warps = diag_tile_config(N, block_t, block_n, loop=algorithm == "loop")
     warps = num_warps or warps

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..data.long_memory import LongMemoryTask, make_long_memory
-from ..ops.deer import deer_rnn
+from ..ops.deer import DEERConvergenceError, deer_rnn
 
 __all__ = ["DEERGRUClassifier", "TrainResult", "train_long_memory"]
 
@@ -32,6 +32,9 @@ class DEERGRUClassifier(nn.Module):
         mode: ``"deer"`` (parallel Newton, :func:`~pflow_dist.ops.deer.deer_rnn`) or ``"sequential"`` (the
             ``nn.GRU`` module itself).
         method, atol, rtol, max_iter, backend: passed to ``deer_rnn``.
+        fallback: when DEER does not converge within ``max_iter``, run that layer with the ``nn.GRU`` module itself
+            (exact, sequential; gradients by its own backward) instead of raising
+            :class:`~pflow_dist.ops.deer.DEERConvergenceError`; ``last_fallbacks`` counts such layers per forward.
         chrono: when given, the "chrono" initialisation of the update gates for memories up to this many steps
             (Tallec & Ollivier 2018, "Can recurrent neural networks warp time?", arXiv 1804.11188): the bias of
             z (h' = (1 − z) n + z h) is log u with u ~ U(1, chrono − 1), split between bias_ih and bias_hh, so unit
@@ -49,7 +52,7 @@ class DEERGRUClassifier(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, n_classes: int, n_layers: int = 1, mode: str = "deer",
                  method: str = "quasi", atol: float | None = None, rtol: float | None = None, max_iter: int = 100,
-                 backend: str = "auto", chrono: int | None = None) -> None:
+                 backend: str = "auto", chrono: int | None = None, fallback: bool = False) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -58,6 +61,8 @@ class DEERGRUClassifier(nn.Module):
                              f"{n_classes}, {n_layers}")
         self.mode = mode
         self.deer_kw = dict(method=method, atol=atol, rtol=rtol, max_iter=max_iter, backend=backend)
+        self.fallback = fallback
+        self.last_fallbacks = 0
         self.encoder = nn.Linear(in_dim, hidden)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(n_layers))
         self.grus = nn.ModuleList(nn.GRU(hidden, hidden, batch_first=True) for _ in range(n_layers))
@@ -76,12 +81,19 @@ class DEERGRUClassifier(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"x must have 3 dimensions [B, T, I], got shape {tuple(x.shape)}")
         z = self.encoder(x)
-        self.last_iterations = []
+        self.last_iterations, self.last_fallbacks = [], 0
         for norm, gru in zip(self.norms, self.grus):
             u = norm(z)
             if self.mode == "deer":
-                h, _, info = deer_rnn(gru, u, None, **self.deer_kw)
-                self.last_iterations.append(info.iterations)
+                try:
+                    h, _, info = deer_rnn(gru, u, None, **self.deer_kw)
+                    self.last_iterations.append(info.iterations)
+                except DEERConvergenceError:
+                    if not self.fallback:
+                        raise
+                    h, _ = gru(u)
+                    self.last_iterations.append(self.deer_kw["max_iter"])
+                    self.last_fallbacks += 1
             else:
                 h, _ = gru(u)
             z = z + h
@@ -90,11 +102,13 @@ class DEERGRUClassifier(nn.Module):
 
 @dataclass
 class TrainResult:
-    """Per-step training loss and accuracy, DEER iterations per step (per layer), final eval accuracy."""
+    """Per-step training loss and accuracy, DEER iterations per step (per layer), layers that fell back to the
+    sequential GRU per step, final eval accuracy."""
 
     losses: list[float] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)
     iterations: list[list[int]] = field(default_factory=list)
+    fallbacks: list[int] = field(default_factory=list)
     eval_accuracy: float | None = None
 
 
@@ -137,6 +151,7 @@ def train_long_memory(
         out.losses.append(loss.item())
         out.accuracies.append((logits.argmax(-1) == y).float().mean().item())
         out.iterations.append(list(model.last_iterations))
+        out.fallbacks.append(model.last_fallbacks)
         if on_step is not None:
             on_step(len(out.losses), out.losses[-1], out.accuracies[-1], out.iterations[-1])
     if eval_batch:

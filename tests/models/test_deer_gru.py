@@ -10,6 +10,7 @@ import torch
 
 from pflow_dist.data.long_memory import LongMemoryTask, make_long_memory
 from pflow_dist.models.deer_gru import DEERGRUClassifier, train_long_memory
+from pflow_dist.ops.deer import DEERConvergenceError
 
 
 def test_deer_gru_trains_like_sequential_gru():
@@ -39,6 +40,31 @@ def test_deer_gru_two_layers_newton_matches_sequential_logits():
     model.mode = "sequential"
     ref = model(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fallback_runs_unconverged_layers_sequentially():
+    """With 2 Newton iterations a 40-step solve cannot converge: without ``fallback`` the classifier raises; with it
+    each layer runs as the nn.GRU itself, counted, with the sequential model's logits and gradients."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 40, 5)
+    strict = DEERGRUClassifier(5, 6, 3, n_layers=2, method="quasi", atol=1e-7, rtol=0.0, max_iter=2)
+    with pytest.raises(DEERConvergenceError, match="did not converge in 2 iterations"):
+        strict(x)
+    model = copy.deepcopy(strict)
+    model.fallback = True
+    out = model(x)
+    assert model.last_fallbacks == 2 and model.last_iterations == [2, 2]
+    seq = copy.deepcopy(strict)
+    seq.mode = "sequential"
+    ref = seq(x)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for p, q in zip(model.parameters(), seq.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-6)
+    model.deer_kw["max_iter"] = 100  # converged solves do not count
+    model(x)
+    assert model.last_fallbacks == 0
 
 
 def test_long_memory_data():

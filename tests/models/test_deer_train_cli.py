@@ -26,6 +26,20 @@ def test_deer_train_small_run_writes_metrics_plot_and_matching_curves(tmp_path):
     assert "largest step-wise loss gap" in res.output and "held-out accuracy" in res.output
 
 
+def test_deer_train_counts_sequential_fallbacks(tmp_path):
+    """``--max-iter 1``: no solve converges, every DEER step falls back to the sequential GRU (counted in the metrics
+    and the summary) and the curve then equals the sequential run's; ``--no-fallback`` stops with the solver's error."""
+    args = ["deer-train", "--seq-len", "48", "--steps", "3", "--batch", "8", "--hidden", "8", "--device", "cpu",
+            "--max-iter", "1", "--out-dir", str(tmp_path)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fallbacks"] for r in rows if r["mode"] == "deer"] == [1, 1, 1]
+    assert "3 step(s) fell back to the sequential GRU" in res.output
+    res = CliRunner().invoke(app, [*args, "--no-fallback"])
+    assert res.exit_code != 0 and "did not converge in 1 iterations" in str(res.exception)
+
+
 def test_deer_train_rejects_bad_options(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["deer-train", "--method", "adam", "--out-dir", str(tmp_path)])

@@ -110,6 +110,30 @@ def test_diag_triton_multi_tile(algorithm, publish, segment, T):
     assert_close("da", rda, da, 2e-5)
 
 
+@pytest.mark.parametrize("B,N,expect", [(16, 256, dict(algorithm="loop", block_n=16)),
+                                         (1, 64, dict(algorithm="lookback", segment=8, block_t=64, num_stages=1)),
+                                         (2, 32, dict(algorithm="lookback", segment=8, block_t=64, num_stages=1)),
+                                         (1, 256, dict(algorithm="lookback")), (1, 16, dict(algorithm="lookback"))])
+def test_diag_auto_algorithm(B, N, expect):
+    """``algorithm="auto"``: the loop with ≥ 256 sequences × 16-channel groups, the segmented look-back with one or
+    two 32-channel groups (more than 16 channels), else the plain look-back (the H200 sweep's regimes)."""
+    from pflow_dist.kernels.scan.diag import auto_algorithm
+
+    assert auto_algorithm(B, N) == expect
+
+
+def test_diag_triton_auto_segmented():
+    """``auto`` on one sequence of 40 channels runs the segmented look-back (8 tiles of 64 steps per program: two
+    segments at T = 600, the second one partial), forward and adjoint with da."""
+    a, b, h0 = make(1, 600, 40, True, torch.float32, seed=3)
+    h, hT = scan_forward(a, b, h0, "triton", algorithm="auto")
+    g, gT = torch.randn_like(b), torch.randn_like(h0)
+    lam, lam0, da = scan_adjoint(a, g, gT, "triton", h=h, h0=h0, want_da=True, algorithm="auto")
+    rh, rT, (rda, rdb, _) = reference(a, b, h0, g, gT)
+    for name, want, got in (("h", rh, h), ("h_T", rT, hT), ("lambda", rdb, lam), ("da", rda, da)):
+        assert_close(name, want, got, 2e-5)
+
+
 @pytest.mark.parametrize("n", [5, 20])
 def test_dense_triton_multi_chunk_and_structured(n):
     """Dense kernel with 4-step chunks (three recursion levels at T=40) and the structured transition
