@@ -29,7 +29,7 @@ _CFG = {
     "ns_wy": 3, "ns_state": 3, "ns_out": 3, "ns_dvl": 3, "ns_sbwd": 3, "ns_grads": 3,
 }
 # Defaults: the best per kernel of a sweep on H100 at B4 T8192 H16 D128 bf16 (pflow_dist/bench/flow.py sweep,
-# benchmarks/results/flow_sweep_h100.jsonl). save: keep W, U, Ainv, h, Vn from the forward for the backward
+# benchmarks/results/flow_sweep_h100.jsonl). save: keep W, Ainv, h, Vn from the forward for the backward
 # (1), recompute them (0), or auto (-1): keep unless they would take more than a sixth of the device memory.
 
 
@@ -145,20 +145,20 @@ def _inter_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def keep_intermediates(p: ChunkPlan, x: torch.Tensor) -> bool:
-    """Whether the forward keeps W, U, Ainv, h, Vn for the backward (saves recomputing the WY and state passes)."""
+    """Whether the forward keeps W, Ainv, h, Vn for the backward (saves recomputing the WY and state passes)."""
     mode = _cfg("save")
     if mode >= 0:
         return bool(mode)
     if x.device.type != "cuda":
         return True
     rows = p.B * p.H * p.NT * p.BT
-    nbytes = (rows * (p.K + 2 * p.V + p.BT) + p.B * p.H * p.NT * p.K * p.V) * x.element_size()
+    nbytes = (rows * (p.K + p.V + p.BT) + p.B * p.H * p.NT * p.K * p.V) * x.element_size()
     return nbytes * 6 < torch.cuda.get_device_properties(x.device).total_memory
 
 
 def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool, p: ChunkPlan, keep: bool = False):
     """Forward: ``o [B, T, H, V]`` (q's dtype), the final state ``[B, H, K, V]`` fp32 (or None), and, when ``keep``,
-    the intermediates ``(W, U, Ainv, h, Vn)`` for :func:`chunk_flow_bwd` (else None).
+    the intermediates ``(W, Ainv, h, Vn)`` for :func:`chunk_flow_bwd` (else None; U is not needed there).
 
     Inputs are contiguous, rank-R shaped (``k [B, T, H, R, K]``, ``v [B, T, H, R, V]``, ``beta [B, T, H, R]``);
     ``G`` is :func:`token_cumsum` of g (None without gate); ``h0`` fp32 ``[B, H, K, V]`` or None.
@@ -171,11 +171,11 @@ def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=G is not None, DT=dot_dtype(q),
         **_launch("out", k),
     )
-    return o, hT, ((W, U, Ainv, h, Vn) if keep else None)
+    return o, hT, ((W, Ainv, h, Vn) if keep else None)
 
 
 def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, need_dh0: bool, saved=None):
-    """Backward: W, U, Ainv, h, Vn from ``saved`` (or recomputed), then the reverse state pass and the per-chunk
+    """Backward: W, Ainv, h, Vn from ``saved`` (or recomputed), then the reverse state pass and the per-chunk
     gradients.
 
     Returns:
@@ -185,13 +185,13 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     dev = q.device
     inter = _inter_dtype(q)
     if saved is None:
-        W, U, Ainv, h, Vn, _ = _wy_state(k, v, beta, G, h0, p, False, inter)
+        W, _, Ainv, h, Vn, _ = _wy_state(k, v, beta, G, h0, p, False, inter)
     else:
-        W, U, Ainv, h, Vn = saved
+        W, Ainv, h, Vn = saved
     gated = G is not None
     Gp = G if gated else W
     rows = p.B * p.H * p.NT * p.BT
-    dVn = torch.empty(rows, p.V, device=dev, dtype=torch.float32)
+    dVn = torch.empty(rows, p.V, device=dev, dtype=inter)  # as fla: its dv2 is stored in the input dtype
     chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
         q, k, do, Gp, dVn, scale, p.T, p.NT,
         H=p.H, R=p.R, K=p.K, V=p.V,
@@ -210,7 +210,7 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     dG_row = torch.empty(p.B * p.H, p.NT * p.BT, device=dev, dtype=torch.float32) if gated else None
     dG_q = torch.empty(p.B * p.H, p.NT * p.BC, device=dev, dtype=torch.float32) if gated else None
     chunk_flow_grads_bwd_kernel[(p.NT, p.B * p.H)](
-        q, k, v, beta, Gp, W, U, Ainv, h, dh, Vn, dVn, do,
+        q, k, v, beta, Gp, Ainv, h, dh, Vn, dVn, do,
         dq, dk, dv, dbeta, dG_row if gated else W, dG_q if gated else W, scale,
         p.T, p.NT,
         H=p.H, R=p.R, K=p.K, V=p.V,

@@ -9,6 +9,7 @@
 #     dS   = e^{G_end} dS' + (e^{G} qs)ᵀ dO − Wᵀ dVn            (state kernel, reverse over chunks)
 #     dW   = −dVn Sᵀ,  dKβ = Ainvᵀ dW,  dVβ = Ainvᵀ dVn          (grads kernel, below)
 #     dA   = −(dKβ Wᵀ + dVβ Uᵀ) on the coupling mask             (d(I+A)⁻¹ = −Ainv dA Ainv)
+#          = −dVβ Vnᵀ   (dKβ Wᵀ = −Ainvᵀ dVn (W S)ᵀ and W S = U − Vn: no pass over K, no U or W needed)
 #     with A_ij = β_i (k_i·k_j) e^{G_i−G_j} and P = dA ⊙ β_i e^{G_i−G_j}:
 #     dk   = scale·DpDᵀ q + diag(κ) Vn dS'ᵀ + diag(βΓ) dKβ + P K + Pᵀ K,     Dp = dO Vnᵀ, DpD = Dp ⊙ e^{G_t−G_j} ⊙ vis
 #     dq   = scale·(e^{G} ⊙ dO Sᵀ + DpD K),  dv = diag(β) dVβ,
@@ -123,7 +124,7 @@ def chunk_flow_state_bwd_kernel(
 
 @triton.jit
 def chunk_flow_grads_bwd_kernel(
-    q, k, v, beta, Gtok, W, U, Ainv, h, dh, Vn, dVn, do,
+    q, k, v, beta, Gtok, Ainv, h, dh, Vn, dVn, do,
     dq, dk, dv, dbeta, dG_row, dG_q, scale,
     T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
@@ -138,8 +139,7 @@ def chunk_flow_grads_bwd_kernel(
     t0 = i_c * BC
     t_q = tl.minimum(T, t0 + BC)
     r0 = i_c * BT
-    bK = bh64 * NT * BT * K  # bases of the [B·H, NT·BT, ·] intermediates
-    bV = bh64 * NT * BT * V
+    bV = bh64 * NT * BT * V  # base of the [B·H, NT·BT, V] intermediates
     sbase = (bh64 * NT + i_c) * K * V
 
     b_beta = tl.load(beta + row, mask=ok, other=0.0).to(tl.float32)
@@ -150,7 +150,7 @@ def chunk_flow_grads_bwd_kernel(
         coup = tok[:, None] > tok[None, :]
     b_Ai = load_mat(Ainv, bh64 * NT * BT * BT, NT * BT, BT, r0, 0, BT, BT).to(DT)
 
-    # pass over V: Dp = dO Vnᵀ, dVβ = Ainvᵀ dVn (-> dv, dβ), dA -= dVβ Uᵀ
+    # pass over V: Dp = dO Vnᵀ, dVβ = Ainvᵀ dVn (-> dv, dβ), dA = −dVβ Vnᵀ
     b_Dp = tl.zeros([BQ, BT], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
@@ -159,31 +159,23 @@ def chunk_flow_grads_bwd_kernel(
         b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, v0, BQ, 1, BV).to(DT)
         b_vn = load_mat(Vn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
         b_dvn = load_mat(dVn, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
-        b_u = load_mat(U, bV, NT * BT, V, r0, v0, BT, BV).to(DT)
         b_v = load_rows(v, i_b, i_h, t0, T, T, H, R, V, v0, BC, R_PAD, BV)
         b_Dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
         b_dvb = tl.dot(tl.trans(b_Ai), b_dvn, input_precision=PREC)
-        b_dA -= tl.dot(b_dvb.to(DT), tl.trans(b_u), input_precision=PREC)
+        b_dA -= tl.dot(b_dvb.to(DT), tl.trans(b_vn), input_precision=PREC)
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         store_rows(dv, b_dvb * b_beta[:, None], i_b, i_h, t0, T, T, H, R, V, v0, BC, R_PAD, BV)
 
-    # first pass over K: scores QKᵀ, Gram KKᵀ, dA -= dKβ Wᵀ with dKβ = Ainvᵀ(−dVn Sᵀ)
+    # first pass over K: scores QKᵀ (gated only), Gram KKᵀ
     b_s = tl.zeros([BQ, BT], dtype=tl.float32)
     b_gram = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         k0 = i_k * BK
-        b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, k0, BQ, 1, BK).to(DT)
         b_k = load_rows(k, i_b, i_h, t0, T, T, H, R, K, k0, BC, R_PAD, BK).to(DT)
-        b_w = load_mat(W, bK, NT * BT, K, r0, k0, BT, BK).to(DT)
-        b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        if GATED:
+            b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, k0, BQ, 1, BK).to(DT)
+            b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         b_gram += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-        b_dW = tl.zeros([BT, BK], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            b_dvn = load_mat(dVn, bV, NT * BT, V, r0, i_v * BV, BT, BV).to(DT)
-            b_h = load_mat(h, sbase, K, V, k0, i_v * BV, BK, BV).to(DT)
-            b_dW -= tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
-        b_dkb = tl.dot(tl.trans(b_Ai), b_dW.to(DT), input_precision=PREC)
-        b_dA -= tl.dot(b_dkb.to(DT), tl.trans(b_w), input_precision=PREC)
 
     if GATED:
         b_G, b_Gq, g_end = _gates(Gtok, bh64, i_c, NT, BC, BT, BQ, R_PAD)

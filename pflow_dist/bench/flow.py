@@ -288,13 +288,15 @@ def _kernel_times(fn: Callable[[], torch.Tensor], backward: bool, rep: int = 3) 
     return {e.key: e.device_time_total / rep for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def kernels(B=4, T=8192, H=16, D=128, gated: bool = False) -> list[dict]:
-    """Per-kernel device time of ours and fla on the same inputs, forward alone and forward+backward, bf16: where
-    each implementation spends its time (one row per implementation and pass; kernels sorted by time)."""
+def kernels(B=4, T=8192, H=16, D=128, gated: bool = False, only: list[str] | None = None) -> list[dict]:
+    """Per-kernel device time of ours and fla (or the implementations in ``only``) on the same inputs, forward alone
+    and forward+backward, bf16: where each implementation spends its time (one row per implementation and pass;
+    kernels sorted by time)."""
     x = {n: t.requires_grad_(True) for n, t in _fwd_bwd_inputs(B, T, H, D, torch.bfloat16, 1, gated).items()}
     impls = {"ours": lambda: _ours(x)[0]}
     if _fla_unavailable(torch.device("cuda")) is None:
         impls["fla"] = lambda: _fla(x)[0]
+    impls = {name: fn for name, fn in impls.items() if not only or name in only}
     rows = []
     for impl, fn in impls.items():
         for passes in ("fwd", "fwd+bwd"):
@@ -378,7 +380,7 @@ def _main() -> None:
         warm(a.cfg)
         return
     rows = {"longest": longest, "check": check, "sweep": lambda: sweep(a.gated), "groups": groups_sweep,
-            "kernels": lambda: kernels(gated=a.gated)}[a.what]()
+            "kernels": lambda: kernels(gated=a.gated, only=a.impl)}[a.what]()
     if a.out:
         with open(a.out, "a") as f:
             for r in rows:

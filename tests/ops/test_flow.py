@@ -205,7 +205,7 @@ def test_grouped_state_passes(name, groups, device, monkeypatch):
 
 
 def test_recomputing_backward(device, monkeypatch):
-    # the backward that recomputes W, U, Ainv, h, Vn (chosen when keeping them would take too much memory)
+    # the backward that recomputes W, Ainv, h, Vn (chosen when keeping them would take too much memory)
     monkeypatch.setenv("FLOW_CFG", "save=0")
     _, R, form, gated, B, T, H, K, V, C = BY_ID["sum-R3-gated-T19"]
     x = _inputs(R, gated, B, T, H, K, V, torch.float32, device)
