@@ -2,7 +2,10 @@
 
 Implementations, all on the same inputs (L2-normalised keys, β ∈ (0, 1) (β ∈ (0, 1/R) for rank R), log-decay
 g = logsigmoid(·) when gated):
-- ``ours``: ``pflow_dist.ops.flow.chunk_flow`` (the Triton op; rank-R cases use the product form, DeltaProduct);
+- ``ours``: ``pflow_dist.ops.flow.chunk_flow`` (the Triton op; rank-R cases use the product form, DeltaProduct)
+  called as the models call it, ``check_finite=False`` (fla has no such check);
+- ``ours-checked``: the same with the default ``check_finite=True``, whose NaN/Inf count of beta (and g) is read back
+  to the host: one device sync per call, which stalls the launch queue;
 - ``ours-sum``: the same op in the rank-R sum form (ParallelFlow), beside the product rows (rank-R cases only; for
   R = 1 the two forms are one op and the row says so);
 - ``fla``: ``fla.ops.delta_rule.chunk_delta_rule`` / ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` /
@@ -77,6 +80,13 @@ def _rank(inp) -> int:
 def _ours(inp):
     from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
 
+    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product",
+                      check_finite=False)
+
+
+def _ours_checked(inp):
+    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
+
     return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product")
 
 
@@ -85,7 +95,7 @@ def _ours_sum(inp):
         raise ValueError("R=1: the sum form is the same op as 'ours'")
     from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
 
-    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="sum")
+    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="sum", check_finite=False)
 
 
 def _ours_unavailable(device: torch.device) -> str | None:
@@ -137,6 +147,7 @@ BENCH = Bench(
     make_inputs=_inputs,
     impls=[
         Impl("ours", _ours, _ours_unavailable, "pflow-dist"),
+        Impl("ours-checked", _ours_checked, _ours_unavailable, "pflow-dist"),
         Impl("ours-sum", _ours_sum, _ours_unavailable, "pflow-dist"),
         Impl("fla", _fla, _fla_unavailable, "fla-core"),
         Impl("torch-chunked", _torch_chunked("inverse"), _torch_unavailable),
