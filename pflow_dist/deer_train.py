@@ -22,7 +22,6 @@ from .plotting import save_figure
 
 __all__ = ["check_deer_train_args", "run_deer_train"]
 
-
 def check_deer_train_args(method: str, device: str) -> str:
     """Reject a Newton variant or device ``run_deer_train`` cannot use (ValueError); return the device resolved
     (``"auto"`` → ``"cuda"`` when a CUDA device is visible, else ``"cpu"``)."""
@@ -122,121 +121,65 @@ def run_deer_train(
         noise = min(0.3, 0.1 * (4096 / seq_len) ** 0.5)
     task = LongMemoryTask(T=seq_len, n_classes=classes, in_dim=classes + 2, cue_frac=0.1, noise=noise)
     torch.manual_seed(seed)
-    deer = DEERGRUClassifier(
-        task.in_dim,
-        hidden,
-        classes,
-        n_layers=layers,
-        mode="deer",
-        method=method,
-        atol=1e-6,
-        rtol=1e-6,
-        max_iter=max_iter,
-        fallback=fallback,
-        chrono=seq_len if chrono and seq_len >= 3 else None,
-    )
+    deer = DEERGRUClassifier(task.in_dim, hidden, classes, n_layers=layers, mode="deer", method=method,
+                             atol=1e-6, rtol=1e-6, max_iter=max_iter, fallback=fallback,
+                             chrono=seq_len if chrono and seq_len >= 3 else None)
     models = {"deer": deer}
     if compare:
         seq = copy.deepcopy(deer)
         seq.mode = "sequential"
         models["sequential"] = seq
-    console.print(
-        f"[bold]DEER-GRU[/bold] on the long-memory task: T = {seq_len:,}, noise {noise:.3g}, {classes} "
-        f"classes (chance {1 / classes:.2f}), GRU width {hidden} × {layers} layer{'s' * (layers > 1)}, "
-        f"batch {batch}, {steps} Adam steps, {device}"
-        + (", beside the sequential GRU from the same weights" if compare else "")
-    )
+    console.print(f"[bold]DEER-GRU[/bold] on the long-memory task: T = {seq_len:,}, noise {noise:.3g}, {classes} "
+                  f"classes (chance {1 / classes:.2f}), GRU width {hidden} × {layers} layer{'s' * (layers > 1)}, "
+                  f"batch {batch}, {steps} Adam steps, {device}"
+                  + (", beside the sequential GRU from the same weights" if compare else ""))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, TrainResult] = {}
     summary: dict[str, Any] = {}
     metrics = out_dir / "metrics.jsonl"
-    with (
-        metrics.open("w") as f,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=console,
-            disable=not progress,
-        ) as bar,
-    ):
+    with metrics.open("w") as f, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                          TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+                                          console=console, disable=not progress) as bar:
         for mode, model in models.items():
             task_id = bar.add_task(f"{mode:<10}", total=steps, status="")
 
-            def on_step(
-                step: int,
-                loss: float,
-                acc: float,
-                iters: list[int],
-                mode: str = mode,
-                task_id: Any = task_id,
-                model: DEERGRUClassifier = model,
-            ) -> None:
-                f.write(
-                    json.dumps(
-                        {
-                            "mode": mode,
-                            "step": step,
-                            "loss": loss,
-                            "acc": acc,
-                            "iterations": iters,
-                            "fallbacks": model.last_fallbacks,
-                        }
-                    )
-                    + "\n"
-                )
+            def on_step(step: int, loss: float, acc: float, iters: list[int], mode: str = mode,
+                        task_id: Any = task_id, model: DEERGRUClassifier = model) -> None:
+                f.write(json.dumps({"mode": mode, "step": step, "loss": loss, "acc": acc, "iterations": iters,
+                                    "fallbacks": model.last_fallbacks}) + "\n")
                 f.flush()  # a run cut short keeps the steps it made
                 its = f" · {iters[0]} Newton iterations" if iters else ""
                 bar.update(task_id, advance=1, status=f"loss {loss:.4f} · acc {acc:.2f}{its}")
 
             t0 = time.perf_counter()
-            res = train_long_memory(
-                model,
-                task,
-                steps=steps,
-                batch=batch,
-                lr=lr,
-                seed=seed,
-                eval_batch=eval_batch,
-                device=device,
-                on_step=on_step,
-            )
+            res = train_long_memory(model, task, steps=steps, batch=batch, lr=lr, seed=seed, eval_batch=eval_batch,
+                                    device=device, on_step=on_step)
             if device == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
             results[mode] = res
             tail = res.losses[-10:]
             iters = [it[0] for it in res.iterations if it]
-            summary[mode] = {
-                "first_loss": res.losses[0],
-                "final_loss": sum(tail) / len(tail),
-                "eval_acc": res.eval_accuracy,
-                "s_per_step": wall / steps,
-                "mean_iterations": sum(iters) / len(iters) if iters else None,
-                "fallback_steps": sum(1 for n in res.fallbacks if n),
-            }
+            summary[mode] = {"first_loss": res.losses[0], "final_loss": sum(tail) / len(tail),
+                             "eval_acc": res.eval_accuracy, "s_per_step": wall / steps,
+                             "mean_iterations": sum(iters) / len(iters) if iters else None,
+                             "fallback_steps": sum(1 for n in res.fallbacks if n)}
     if compare:
-        summary["max_loss_diff"] = max(
-            abs(a - b) for a, b in zip(results["deer"].losses, results["sequential"].losses, strict=True)
-        )
+        summary["max_loss_diff"] = max(abs(a - b) for a, b in zip(results["deer"].losses,
+                                                                    results["sequential"].losses, strict=True))
     summary["plot"] = str(_plot(results, out_dir / "deer_train.png", seq_len, 1 / classes))
     summary["metrics"] = str(metrics)
     for mode in MODES:
         if mode in summary:
             r = summary[mode]
             acc = f"{r['eval_acc']:.3f}" if r["eval_acc"] is not None else "-"
-            console.print(
-                f"{mode:<10} loss {r['first_loss']:.3f} → {r['final_loss']:.3f}, held-out accuracy {acc}, "
-                f"{r['s_per_step']:.3f} s/step"
-                + (f", {r['fallback_steps']} step(s) fell back to the sequential GRU" if r["fallback_steps"] else "")
-            )
+            console.print(f"{mode:<10} loss {r['first_loss']:.3f} → {r['final_loss']:.3f}, held-out accuracy {acc}, "
+                          f"{r['s_per_step']:.3f} s/step"
+                          + (f", {r['fallback_steps']} step(s) fell back to the sequential GRU"
+                             if r["fallback_steps"] else ""))
     if compare:
         speed = summary["sequential"]["s_per_step"] / summary["deer"]["s_per_step"]
-        console.print(
-            f"largest step-wise loss gap {summary['max_loss_diff']:.2e}; DEER {speed:.2f}× the sequential "
-            f"GRU's speed; plot: {summary['plot']}"
-        )
+        console.print(f"largest step-wise loss gap {summary['max_loss_diff']:.2e}; DEER {speed:.2f}× the sequential "
+                      f"GRU's speed; plot: {summary['plot']}")
     return summary

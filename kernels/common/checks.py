@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_finite", "check_same_device", "check_tensor"]
+__all__ = ["FLOAT_DTYPES", "check_same_device", "check_tensor"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -62,10 +62,3 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
         if d != first:
             raise ValueError(f"all inputs must be on one device: {first_name} is on {first}, {k} is on {d}")
     return first
-
-
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or Inf (the count is reported)."""
-    bad = (~torch.isfinite(x)).sum().item()
-    if bad:
-        raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) of {x.numel()}")

@@ -177,6 +177,21 @@ def test_check_finite_off_skips_the_value_check():
         flow_map(x["k"], x["v"], x["beta"], x["g"], backend="torch")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter ran on the NaN/Inf
+@pytest.mark.parametrize("name", ["beta", "g"])
+def test_nonfinite_gates_raise_on_the_kernel_path(device, name):
+    """The Triton path reads the NaN/Inf count after queuing its kernels: still a ValueError naming the input and the
+    count, for chunk_flow and flow_map."""
+    bad = torch.full((1, 5, 1, 2), float("nan")) if name == "beta" else torch.full((1, 5, 1), float("inf"))
+    bad[0, 1:] = 0.5 if name == "beta" else -0.1  # one token stays non-finite: 2 values of beta, 1 of g
+    x = {n: t.to(device) if t is not None else None for n, t in _bad(**{name: bad}).items()}
+    count = 2 if name == "beta" else 1
+    with pytest.raises(ValueError, match=f"{name} must be finite, got {count} non-finite value"):
+        chunk_flow(**x, backend="triton")
+    with pytest.raises(ValueError, match=f"{name} must be finite, got {count} non-finite value"):
+        flow_map(x["k"], x["v"], x["beta"], x["g"], backend="triton")
+
+
 def test_bad_options(device):
     x = {n: t.to(device) for n, t in _bad().items()}
     with pytest.raises(ValueError, match="rank_form must be one of"):
