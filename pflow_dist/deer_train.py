@@ -62,7 +62,7 @@ def _plot(results: dict[str, TrainResult], path: Path, T: int, chance: float) ->
 
 def run_deer_train(
     seq_len: int = 16384,
-    steps: int = 200,
+    steps: int = 400,
     batch: int = 32,
     hidden: int = 16,
     layers: int = 1,
@@ -86,7 +86,8 @@ def run_deer_train(
 
     Args:
         seq_len: sequence length T (the cue lies in its first 10%).
-        steps, batch, lr: Adam steps, sequences per batch, learning rate.
+        steps, batch, lr: Adam steps, sequences per batch, learning rate (the default 400 steps: at T = 16,384 on an
+            H200 the loss sat at chance for 220 steps, then fell to 0.001 by step 400).
         hidden, layers, classes: GRU width n, stacked layers, number of labels (chance = 1 / classes).
         method: DEER's Newton variant (``"quasi"``, ``"newton"``, ``"damped"``).
         max_iter: Newton iterations per solve before DEER gives up.
