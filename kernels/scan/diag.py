@@ -321,8 +321,8 @@ LOOP_MIN_SEQS = 256
 LOOP_BLOCK_N = 16
 # With at most SEGMENT_MAX_SEQS sequences × 32-channel groups and more than 16 channels, the look-back latency is
 # paid by few, long rows of tiles: segments of SEGMENT_TILES 2048-element tiles (1 pipeline stage) win. H200 sweep
-# (scan_sweep_h200.jsonl, second run): 56.1% of copy at B1 T2^22 N64 (2 groups) against 45.7% for plain look-back;
-# even (56.8% against 57.4%) at B1 T2^20 N256 (8 groups); slower at N16 (35% against 49%).
+# (scan_sweep_h200.jsonl, run "sweep-3-segmented"): 56.1% of copy at B1 T2^22 N64 (2 groups) against 45.7% for
+# plain look-back; even (56.8% against 57.4%) at B1 T2^20 N256 (8 groups); slower at N16 (35% against 49%).
 SEGMENT_MAX_SEQS = 2
 SEGMENT_TILES = 8
 
