@@ -387,13 +387,12 @@ def diag_scan_triton(
     if segment < 1:
         raise ValueError(f"segment must be >= 1 tile, got {segment}")
     if algorithm == "auto":
+        explicit = block_t is not None or block_n is not None or segment != 1  # then only the algorithm is chosen
         chosen = auto_algorithm(B, N)
-        algorithm = chosen.pop("algorithm")
-        if block_t is None and block_n is None and segment == 1:  # explicit tiles keep only the algorithm choice
-            block_t, block_n = chosen.get("block_t"), chosen.get("block_n")
-            segment, num_stages = chosen.get("segment", segment), chosen.get("num_stages", num_stages)
-        elif algorithm == "loop" and block_n is None:
-            block_n = LOOP_BLOCK_N
+        algorithm, block_n = chosen["algorithm"], block_n or chosen.get("block_n")
+        if not explicit:
+            block_t, segment = chosen.get("block_t"), chosen.get("segment", 1)
+            num_stages = chosen.get("num_stages", num_stages)
     bt, bn, warps = diag_tile_config(N, block_t, block_n, loop=algorithm == "loop")
     warps = num_warps or warps
     G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)

@@ -77,25 +77,25 @@ def _rank(inp) -> int:
     return inp["k"].shape[3] if inp["k"].dim() == 5 else 1
 
 
-def _ours(inp):
+def _chunk_flow(inp, rank_form: str = "product", check_finite: bool = False):
     from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
 
-    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product",
-                      check_finite=False)
+    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form=rank_form,
+                      check_finite=check_finite)
+
+
+def _ours(inp):
+    return _chunk_flow(inp)
 
 
 def _ours_checked(inp):
-    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
-
-    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product")
+    return _chunk_flow(inp, check_finite=True)
 
 
 def _ours_sum(inp):
     if _rank(inp) == 1:
         raise ValueError("R=1: the sum form is the same op as 'ours'")
-    from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
-
-    return chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="sum", check_finite=False)
+    return _chunk_flow(inp, rank_form="sum")
 
 
 def _ours_unavailable(device: torch.device) -> str | None:
