@@ -21,10 +21,11 @@ __all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "keep_intermediates"
 ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles live in registers
 
 # Tiling knobs: bk / bv = K / V blocks of the parallel kernels (≤ 64), bvs = V block of the sequential state kernels,
-# groups = chunk groups of the state passes (0: auto, chunk_scan.py), nw_<kernel> / ns_<kernel> = num_warps /
+# groups = chunk groups of the state passes (0: auto, chunk_scan.py), fuse_dvl = compute the local dVn (Attᵀ dO) in
+# the reverse state pass instead of a kernel of its own (one group only), nw_<kernel> / ns_<kernel> = num_warps /
 # num_stages. FLOW_CFG="bk=32,nw_grads=8,..." overrides (tuning runs).
 _CFG = {
-    "bk": 64, "bv": 64, "bvs": 64, "groups": 0, "save": -1,
+    "bk": 64, "bv": 64, "bvs": 64, "groups": 0, "save": -1, "fuse_dvl": 0,
     "nw_wy": 4, "nw_state": 4, "nw_out": 4, "nw_dvl": 8, "nw_sbwd": 8, "nw_grads": 8,
     "ns_wy": 3, "ns_state": 3, "ns_out": 3, "ns_dvl": 3, "ns_sbwd": 3, "ns_grads": 3,
 }
@@ -192,17 +193,19 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     Gp = G if gated else W
     rows = p.B * p.H * p.NT * p.BT
     dVn = torch.empty(rows, p.V, device=dev, dtype=inter)  # as fla: its dv2 is stored in the input dtype
-    chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
-        q, k, do, Gp, dVn, scale, p.T, p.NT,
-        H=p.H, R=p.R, K=p.K, V=p.V,
-        BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=gated, DT=dot_dtype(q),
-        **_launch("dvl", k),
-    )
+    P = num_groups(p, dev, _cfg("groups"))
+    fuse_dvl = P == 1 and bool(_cfg("fuse_dvl"))
+    if not fuse_dvl:
+        chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
+            q, k, do, Gp, dVn, scale, p.T, p.NT,
+            H=p.H, R=p.R, K=p.K, V=p.V,
+            BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=gated, DT=dot_dtype(q),
+            **_launch("dvl", k),
+        )
     dh = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter)
     consts = dict(H=p.H, R=p.R, K=p.K, V=p.V, BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS,
                   GATED=gated, DT=dot_dtype(q))
-    P = num_groups(p, dev, _cfg("groups"))
-    dh0 = state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P, need_dh0, _launch("sbwd", k), consts)
+    dh0 = state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P, need_dh0, _launch("sbwd", k), consts, fuse_dvl)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

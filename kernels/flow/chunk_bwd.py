@@ -64,11 +64,13 @@ def chunk_flow_state_bwd_kernel(
     T, NT, L, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BKF: tl.constexpr,
     BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, MAP: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    FUSE_DVL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     # reverse over chunks [i_g·L, min(NT, i_g·L + L)) from the group's end gradient dht[(b·H + h)·P + g].
     # dS_start = Φ dS_end + E with Φ = e^{G_end} I − Wᵀ diag(κ) K per chunk, E = (e^G qs)ᵀ dO − Wᵀ dVn_local.
     # MAP: the tile is [Φ | E] over the group (K + V columns, from [I | 0]); dh and dVn are not stored.
+    # FUSE_DVL (not MAP): dVn_local = Attᵀ dO is computed here (the dvlocal kernel's work, off the recurrence's
+    # critical path) instead of read from dVn, which is then only written.
     i_v, i_bh, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     P = tl.num_programs(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -96,6 +98,13 @@ def chunk_flow_state_bwd_kernel(
         b_q = load_rows(q, i_b, i_h, t0, t_q, T, H, 1, K, 0, BQ, 1, BKF)
         if GATED:
             b_G, b_Gq, g_end = _gates(Gtok, bh64, i_c, NT, BC, BT, BQ, R_PAD)
+        if FUSE_DVL:
+            b_s = tl.dot(b_q.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
+            vis = (tl.arange(0, BT) // R_PAD)[None, :] <= tl.arange(0, BQ)[:, None]
+            if GATED:
+                b_s = b_s * tl.exp(tl.where(vis, b_Gq[:, None] - b_G[None, :], 0.0))
+            b_s = tl.where(vis, b_s * scale, 0.0)
+        if GATED:
             b_k = (b_k.to(tl.float32) * tl.exp(g_end - b_G)[:, None]).to(DT)
             b_q = (b_q.to(tl.float32) * (scale * tl.exp(b_Gq))[:, None]).to(DT)
         else:
@@ -109,10 +118,13 @@ def chunk_flow_state_bwd_kernel(
             p_do += (tl.arange(0, BQ) * (H * V))[:, None] + (o_c - K)[None, :]
             b_do = tl.load(p_do, mask=(t0 + tl.arange(0, BQ) < t_q)[:, None] & m_inh, other=0.0).to(DT)
         else:
-            b_dvn = load_mat(dVn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV).to(tl.float32)
+            b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, c0, BQ, 1, BV).to(DT)
+            if FUSE_DVL:
+                b_dvn = tl.dot(tl.trans(b_s).to(DT), b_do, input_precision=PREC)
+            else:
+                b_dvn = load_mat(dVn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV).to(tl.float32)
             b_dvn += tl.dot(b_k, b_dh.to(DT), input_precision=PREC)
             store_mat(dVn, b_dvn, bh64 * NT * BT * V, NT * BT, V, i_c * BT, c0, BT, BV)
-            b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, c0, BQ, 1, BV).to(DT)
         b_w = load_mat(W, bh64 * NT * BT * K, NT * BT, K, i_c * BT, 0, BT, BKF).to(DT)
         if GATED:
             b_dh = b_dh * tl.exp(g_end)

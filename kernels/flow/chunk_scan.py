@@ -70,21 +70,23 @@ def state_fwd(k, W, U, Gp, h0, h, Vn, p, P: int, store_ht: bool, launch: dict, c
     return S.view(p.B, p.H, K, V) if store_ht else None
 
 
-def state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P: int, need_dh0: bool, launch: dict, consts: dict):
-    """Fill ``dh`` (gradients of the chunk-end states) and complete ``dVn``; return dS_0 (fp32) when asked."""
+def state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P: int, need_dh0: bool, launch: dict, consts: dict,
+              fuse_dvl: bool = False):
+    """Fill ``dh`` (gradients of the chunk-end states) and complete ``dVn`` (holding Attᵀ dO on entry, or, with
+    ``fuse_dvl`` and one group, nothing: the kernel computes that term itself); return dS_0 (fp32) when asked."""
     BH, K, V = p.B * p.H, p.K, p.V
     P, L = _groups(p, P)
     if P == 1:
         dh0 = torch.empty(BH, K, V, device=k.device, dtype=torch.float32) if need_dh0 else None
         chunk_flow_state_bwd_kernel[(triton.cdiv(V, p.BVS), BH, 1)](
             q, k, W, do, Gp, dht if dht is not None else W, dh, dVn, dh0 if need_dh0 else W, scale, p.T, p.NT, p.NT,
-            USE_DHT=dht is not None, STORE_DH0=need_dh0, MAP=False, **consts, **launch,
+            USE_DHT=dht is not None, STORE_DH0=need_dh0, MAP=False, FUSE_DVL=fuse_dvl, **consts, **launch,
         )
         return None if dh0 is None else dh0.view(p.B, p.H, K, V)
     maps = torch.empty(BH * P, K, K + V, device=k.device, dtype=torch.float32)
     chunk_flow_state_bwd_kernel[(triton.cdiv(K + V, p.BVS), BH, P)](
         q, k, W, do, Gp, W, dh, dVn, maps, scale, p.T, p.NT, L,
-        USE_DHT=False, STORE_DH0=True, MAP=True, **consts, **launch,
+        USE_DHT=False, STORE_DH0=True, MAP=True, FUSE_DVL=False, **consts, **launch,
     )
     maps = maps.view(BH, P, K, K + V)
     S = dht.view(BH, K, V) if dht is not None else torch.zeros(BH, K, V, device=k.device, dtype=torch.float32)
@@ -95,6 +97,6 @@ def state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P: int, need_dh0: bool, l
     dhtg = torch.stack(ends, dim=1).contiguous()
     chunk_flow_state_bwd_kernel[(triton.cdiv(V, p.BVS), BH, P)](
         q, k, W, do, Gp, dhtg, dh, dVn, W, scale, p.T, p.NT, L,
-        USE_DHT=True, STORE_DH0=False, MAP=False, **consts, **launch,
+        USE_DHT=True, STORE_DH0=False, MAP=False, FUSE_DVL=False, **consts, **launch,
     )
     return S.view(p.B, p.H, K, V) if need_dh0 else None

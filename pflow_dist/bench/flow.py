@@ -238,9 +238,12 @@ def check(B=4, T=8192, H=16, D=128, dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
-SWEEP = [f"bk={bk},bv={bk},bvs={bk}," + ",".join(f"nw_{n}={nw},ns_{n}={ns}" for n in
-                                                  ("wy", "state", "out", "dvl", "sbwd", "grads"))
-         for bk in (64, 32) for nw in (4, 8) for ns in (1, 3)]
+_KERNELS = ("wy", "state", "out", "dvl", "sbwd", "grads")
+# every kernel gets the same (num_warps, num_stages) in one config; a kernel's time depends only on its own knobs (and
+# bvs for the two state passes), so the best value per kernel can be read off the grid independently.
+# fuse_dvl=1 folds the dvlocal kernel into the reverse state pass: its time is reported as "...state_bwd+dvlocal".
+SWEEP = [f"bk=64,bv=64,bvs={bvs},fuse_dvl={fuse}," + ",".join(f"nw_{n}={nw},ns_{n}={ns}" for n in _KERNELS)
+         for fuse, bvs in ((0, 64), (0, 32), (1, 64)) for nw in (2, 4, 8) for ns in (1, 2, 3, 4)]
 
 
 def warm(cfg: str) -> None:
@@ -257,37 +260,63 @@ def warm(cfg: str) -> None:
     torch.cuda.synchronize()
 
 
+def _precompile(cfgs: list[str], jobs: int = 12) -> None:
+    """Fill Triton's on-disk cache for every config in parallel processes (compiling dominates a sweep's time)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    def one(cfg: str) -> None:
+        subprocess.run([sys.executable, "-m", "pflow_dist.bench.flow", "warm", "--cfg", cfg],
+                       capture_output=True, check=False, timeout=600)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, cfgs))
+
+
 def sweep(gated: bool = False) -> list[dict]:
-    """Per-kernel CUDA time (torch profiler) of fwd+bwd at B4 T8192 H16 D128 bf16 for every config in SWEEP."""
+    """Per-kernel CUDA time (torch profiler) of fwd+bwd at B4 T8192 H16 D128 bf16 for every config in SWEEP, then
+    the fastest config of each kernel (a row with ``what: "sweep-best"``)."""
     import os  # noqa: PLC0415
 
     from pflow_dist.ops.flow import chunk_flow  # noqa: PLC0415
 
+    _precompile(SWEEP)
     x = {n: t.requires_grad_(True) for n, t in _fwd_bwd_inputs(4, 8192, 16, 128, torch.bfloat16, 1, gated).items()}
     rows = []
     for cfg in SWEEP:
         os.environ["FLOW_CFG"] = cfg
         row = {"what": "sweep", "cfg": cfg, "gated": gated}
         try:
-            row["kernels_us"] = {k: us for k, us in _kernel_times(lambda: chunk_flow(**x)[0], True).items()
-                                 if "chunk_flow" in k}
+            us = _kernel_times(lambda: chunk_flow(**x)[0], list(x.values()))
+            row["kernels_us"] = {k + ("+dvlocal" if "fuse_dvl=1" in cfg and "state_bwd" in k else ""): t
+                                 for k, t in us.items() if "chunk_flow" in k}
         except Exception as e:  # a config that fails to compile or run is a result
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
     os.environ.pop("FLOW_CFG", None)
-    return rows
+    best: dict[str, tuple[float, str]] = {}
+    for row in rows:
+        for kernel, us in row.get("kernels_us", {}).items():
+            if kernel not in best or us < best[kernel][0]:
+                best[kernel] = (us, row["cfg"])
+    summary = {"what": "sweep-best", "gated": gated,
+               "best": {k: {"us": us, "cfg": cfg} for k, (us, cfg) in best.items()}}
+    print(json.dumps(summary), flush=True)
+    return [*rows, summary]
 
 
-def _kernel_times(fn: Callable[[], torch.Tensor], backward: bool, rep: int = 3) -> dict[str, float]:
-    """Device time per call of every CUDA kernel that ``fn`` (and, with ``backward``, its backward) launches, in µs
-    averaged over ``rep`` profiled calls after two warm-up calls (torch profiler)."""
+def _kernel_times(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor] | None, rep: int = 3) -> dict[str, float]:
+    """Device time per call of every CUDA kernel that ``fn`` (and, when ``leaves`` are given, the gradient of its
+    output with respect to them) launches, in µs averaged over ``rep`` profiled calls after two warm-up calls (torch
+    profiler). Gradients are returned, not accumulated into ``.grad``: no accumulation kernels in the profile."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     def call() -> None:
         o = fn()
-        if backward:
-            o.backward(torch.ones_like(o))
+        if leaves is not None:
+            torch.autograd.grad(o, leaves, torch.ones_like(o))
 
     for _ in range(2):
         call()
@@ -314,7 +343,7 @@ def kernels(B=4, T=8192, H=16, D=128, gated: bool = False, only: list[str] | Non
             row = {"what": "kernels", "case": f"B{B}-T{T}-H{H}-D{D}" + ("-gated" if gated else ""), "impl": impl,
                    "passes": passes}
             try:
-                us = _kernel_times(fn, passes == "fwd+bwd")
+                us = _kernel_times(fn, list(x.values()) if passes == "fwd+bwd" else None)
                 row["total_us"] = sum(us.values())
                 row["kernels_us"] = dict(sorted(us.items(), key=lambda kv: -kv[1]))
             except Exception as e:  # noqa: BLE001 - fla's gated backward refuses Hopper on Triton 3.6: a result

@@ -225,3 +225,12 @@ def test_recomputing_backward(device, monkeypatch):
     _, R, form, gated, B, T, H, K, V, C = BY_ID["sum-R3-gated-T19"]
     x = _inputs(R, gated, B, T, H, K, V, torch.float32, device)
     _check_against_reference(x, form, C, "triton", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["gated-T63-K24", "product-R3-gated-T19", "sum-R3-gated-T19"])
+def test_fused_local_dvn_backward(name, device, monkeypatch):
+    # the reverse state pass computing Attᵀ dO itself (no dvlocal kernel): gradients equal the reference's
+    monkeypatch.setenv("FLOW_CFG", "fuse_dvl=1")
+    _, R, form, gated, B, T, H, K, V, C = BY_ID[name]
+    x = _inputs(R, gated, B, T, H, K, V, torch.float32, device)
+    _check_against_reference(x, form, C, "triton", TOL[torch.float32])
