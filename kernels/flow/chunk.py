@@ -25,8 +25,8 @@ ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles l
 # the reverse state pass instead of a kernel of its own (one group only), nw_<kernel> / ns_<kernel> = num_warps /
 # num_stages. FLOW_CFG="bk=32,nw_grads=8,..." overrides (tuning runs).
 _CFG = {
-    "bk": 64, "bv": 64, "bvs": 64, "groups": 0, "save": -1, "fuse_dvl": 0,
-    "nw_wy": 4, "nw_state": 4, "nw_out": 4, "nw_dvl": 8, "nw_sbwd": 8, "nw_grads": 8,
+    "bk": 64, "bv": 64, "bvs": 64, "groups": 0, "save": -1, "fuse_dvl": 1,
+    "nw_wy": 2, "nw_state": 4, "nw_out": 4, "nw_dvl": 8, "nw_sbwd": 4, "nw_grads": 8,
     "ns_wy": 3, "ns_state": 3, "ns_out": 3, "ns_dvl": 3, "ns_sbwd": 3, "ns_grads": 3,
 }
 # Defaults: the best per kernel of a sweep on H100 at B4 T8192 H16 D128 bf16 (pflow_dist/bench/flow.py sweep,
