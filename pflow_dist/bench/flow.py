@@ -135,8 +135,8 @@ def _torch_unavailable(device: torch.device) -> str | None:
     return "skipped on CUDA: a Python loop over chunks (the CPU path)" if device.type == "cuda" else None
 
 
-def _reference(inp) -> torch.Tensor:
-    return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form="product",
+def _reference(inp, rank_form: str = "product") -> torch.Tensor:
+    return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form=rank_form,
                             chunk_size=64)[0]
 
 
@@ -148,7 +148,7 @@ BENCH = Bench(
     impls=[
         Impl("ours", _ours, _ours_unavailable, "pflow-dist"),
         Impl("ours-checked", _ours_checked, _ours_unavailable, "pflow-dist"),
-        Impl("ours-sum", _ours_sum, _ours_unavailable, "pflow-dist"),
+        Impl("ours-sum", _ours_sum, _ours_unavailable, "pflow-dist", lambda inp: _reference(inp, "sum")),
         Impl("fla", _fla, _fla_unavailable, "fla-core"),
         Impl("torch-chunked", _torch_chunked("inverse"), _torch_unavailable),
         Impl("torch-sigdelta", _torch_chunked("sigdelta"), _torch_unavailable),

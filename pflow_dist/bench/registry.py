@@ -50,12 +50,15 @@ class Impl:
             upstream gradient in ``fwd+bwd``).
         unavailable: returns why the implementation cannot run here (``None`` when it can).
         package: the distribution whose version is recorded (e.g. ``"fla-core"``).
+        reference: its own float64 reference, for an implementation of a different function than the bench's
+            reference (e.g. the rank-R sum form beside the product form); ``None``: the bench's.
     """
 
     name: str
     run: Callable[[Inputs], tuple[torch.Tensor, ...]]
     unavailable: Callable[[torch.device], str | None] = lambda device: None
     package: str | None = None
+    reference: Callable[[Inputs], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,15 +176,17 @@ def run_bench(
     rows: list[BenchRow] = []
     for case in cases:
         inputs = bench.make_inputs(case, dtype, device)
-        ref = bench.reference(inputs) if (check and bench.reference and bench.check_limit(case)) else None
+        checked = check and bench.check_limit(case)
+        ref = bench.reference(inputs) if (checked and bench.reference) else None
         for impl in impls:
             reason = impl.unavailable(device)
             err_extra: dict[str, Any] = {}
-            if reason is None and ref is not None:
+            own_ref = impl.reference is not None and checked and reason is None
+            if reason is None and (ref is not None or own_ref):
                 try:
                     with torch.no_grad():
                         out = impl.run(inputs)[0]
-                    st = error_stats(ref, out)
+                    st = error_stats(impl.reference(inputs) if own_ref else ref, out)
                     err_extra = {"rel_err": st.rms_ratio, "max_abs_err": st.max_abs}
                 except Exception as e:  # the timing below reports the failure
                     err_extra = {"check_error": _error_message(e)}

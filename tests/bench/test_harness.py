@@ -1,6 +1,7 @@
 """The benchmark harness: timing stats, JSONL rows with the required keys, pairing of ours and peers into ratios,
 failures of an implementation recorded as rows, and the CLI on a quick CPU run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -62,6 +63,18 @@ def test_run_bench_rows_and_ratios(tmp_path):
             assert p["speedup"] == pytest.approx(p["peer_ms"] / p["ours_ms"])
         else:
             assert p["speedup"] is None
+
+
+def test_impl_with_its_own_reference():
+    # an implementation of another function (here 2x) is checked against its own reference, not the bench's
+    bench = _toy_bench()
+    twice = Impl("twice", lambda inp: (inp["x"] * 2.0,), reference=lambda inp: 2.0 * inp["x"].double())
+    bench = dataclasses.replace(bench, impls=[*bench.impls, twice])
+    rows = run_bench(bench, device=torch.device("cpu"), warmup=0, rep=1, impl_filter=["ours", "twice"])
+    assert {r.impl for r in rows} == {"ours", "twice"} and all(r.extra["rel_err"] == 0.0 for r in rows)
+    wrong = dataclasses.replace(twice, reference=lambda inp: inp["x"].double())
+    bench = dataclasses.replace(bench, impls=[wrong])
+    assert all(r.extra["rel_err"] > 0.5 for r in run_bench(bench, device=torch.device("cpu"), warmup=0, rep=1))
 
 
 def test_failing_impl_becomes_an_error_row():
