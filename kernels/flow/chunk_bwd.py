@@ -5,7 +5,8 @@
 #             O_t = e^{G_t} qs_t S + Σ_j Att_tj Vn_j   (Att_tj = (qs_t·k_j) e^{G_t−G_j} [tok j ≤ t]),
 #             S' = e^{G_end} S + Σ_j κ_j k_j Vn_jᵀ
 #   backward  (given dO and dS' = the gradient of the chunk-end state)
-#     dVn  = Attᵀ dO + diag(κ) K dS'                            (dvlocal kernel + state kernel)
+#     dVn  = Attᵀ dO + diag(κ) K dS'                            (state kernel; Attᵀ dO from the dvlocal kernel
+#                                                                  when the state pass runs in groups)
 #     dS   = e^{G_end} dS' + (e^{G} qs)ᵀ dO − Wᵀ dVn            (state kernel, reverse over chunks)
 #     dW   = −dVn Sᵀ,  dKβ = Ainvᵀ dW,  dVβ = Ainvᵀ dVn          (grads kernel, below)
 #     dA   = −(dKβ Wᵀ + dVβ Uᵀ) on the coupling mask             (d(I+A)⁻¹ = −Ainv dA Ainv)

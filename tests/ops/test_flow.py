@@ -227,10 +227,11 @@ def test_recomputing_backward(device, monkeypatch):
     _check_against_reference(x, form, C, "triton", TOL[torch.float32])
 
 
+@pytest.mark.parametrize("fuse", [1, 0])
 @pytest.mark.parametrize("name", ["gated-T63-K24", "product-R3-gated-T19", "sum-R3-gated-T19"])
-def test_fused_local_dvn_backward(name, device, monkeypatch):
-    # the reverse state pass computing Attᵀ dO itself (no dvlocal kernel): gradients equal the reference's
-    monkeypatch.setenv("FLOW_CFG", "fuse_dvl=1")
+def test_local_dvn_fused_or_not(name, fuse, device, monkeypatch):
+    # the reverse state pass computing Attᵀ dO itself (fuse=1, the default) or reading it from the dvlocal kernel
+    monkeypatch.setenv("FLOW_CFG", f"fuse_dvl={fuse}")
     _, R, form, gated, B, T, H, K, V, C = BY_ID[name]
     x = _inputs(R, gated, B, T, H, K, V, torch.float32, device)
     _check_against_reference(x, form, C, "triton", TOL[torch.float32])
