@@ -163,8 +163,9 @@ def bench(
 def scale(
     mode: Annotated[str, typer.Option(help="weak (tokens per rank fixed) or strong (sequence fixed).")] = "weak",
     world: Annotated[str, typer.Option(help="Comma-separated world sizes, e.g. 1,2,4.")] = "1,2",
-    tokens: Annotated[int, typer.Option(help="Tokens per rank (weak) or in the whole sequence (strong).")] = 4096,
-    batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
+    tokens: Annotated[str, typer.Option(help="Tokens per rank (weak) or in the whole sequence (strong); "
+                                              "comma-separated values are swept, e.g. 65536,262144.")] = "4096",
+    batch: Annotated[str, typer.Option(help="Batch size B; comma-separated values are swept.")] = "1",
     heads: Annotated[int, typer.Option(help="Heads H.")] = 2,
     dim: Annotated[int, typer.Option(help="Head dimension K = V.")] = 32,
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
@@ -177,32 +178,51 @@ def scale(
     passes: Annotated[str, typer.Option(help="fwd+bwd or fwd.")] = "fwd+bwd",
     out_dir: Annotated[Path, typer.Option(help="Where the JSONL, PNG and Markdown table go.")] = Path("runs/scale"),
 ) -> None:
-    """Weak or strong scaling of the sequence-parallel flow layer (fwd+bwd) over ranks: JSONL, plot, table."""
+    """Weak or strong scaling of the sequence-parallel flow layer (fwd+bwd) over ranks, swept over sequence lengths
+    and batch sizes: JSONL, plot, table."""
+    import dataclasses
+
     import torch
     from rich.progress import Progress
 
     from .bench.harness import write_jsonl
-    from .bench.scaling import ScaleConfig, markdown_table, plot, run_scaling
+    from .bench.scaling import ScaleConfig, markdown_table, plot, run_sweep
 
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    sizes, token_list, batch_list = (_int_list(v, name) for v, name in
+                                     ((world, "--world"), (tokens, "--tokens"), (batch, "--batch")))
     try:
-        sizes = tuple(int(p) for p in world.split(","))
-        cfg = ScaleConfig(mode=mode, world_sizes=sizes, tokens=tokens, batch=batch, heads=heads, dim=dim,
-                          dtype=_DTYPES[dtype], device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                          warmup=warmup, rep=rep, impls=tuple(impl or ["ours"]), gated=gated, passes=passes)
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = ScaleConfig(mode=mode, world_sizes=sizes, tokens=token_list[0], batch=batch_list[0], heads=heads,
+                          dim=dim, dtype=_DTYPES[dtype], device=dev, warmup=warmup, rep=rep,
+                          impls=tuple(impl or ["ours"]), gated=gated, passes=passes)
+        for t in token_list:  # every point is validated before the first process starts
+            for b in batch_list:
+                dataclasses.replace(cfg, tokens=t, batch=b)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    n_points = len(sizes) * len(cfg.impls) * len(token_list) * len(batch_list)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{mode} scaling", total=len(sizes) * len(cfg.impls))
-        rows = run_scaling(cfg, on_point=lambda r: progress.advance(task))
-    stem = out_dir / f"{mode}-T{tokens}-H{heads}-D{dim}{'-gated' if gated else ''}-{cfg.device}"
+        task = progress.add_task(f"{mode} scaling", total=n_points)
+        rows = run_sweep(cfg, token_list, batch_list, on_point=lambda r: progress.advance(task))
+    name = lambda xs: "_".join(map(str, xs))  # noqa: E731
+    batch_part = "" if batch_list == (1,) else f"-B{name(batch_list)}"
+    stem = out_dir / f"{mode}-T{name(token_list)}{batch_part}-H{heads}-D{dim}{'-gated' if gated else ''}-{cfg.device}"
     table = markdown_table(rows)
     write_jsonl(rows, stem.with_suffix(".jsonl"))
     stem.with_suffix(".md").write_text(table + "\n")
     png = plot(rows, stem.with_suffix(".png"))
     console.print(table, highlight=False)
     console.print(f"wrote {stem.with_suffix('.jsonl')}, {stem.with_suffix('.md')}, {png}")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> ``(1, 2, 4)``; a clear error for anything else."""
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
 
 
 launch_app = typer.Typer(help="Launch the training loop with DeepSpeed or Ray.", no_args_is_help=True)

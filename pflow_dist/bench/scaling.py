@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from ..plotting import save_figure
 from ..testing.distributed import run_distributed
 from .harness import BenchRow, command_line, device_name, versions
 
-__all__ = ["ScaleConfig", "comm_bytes_flow", "markdown_table", "plot", "run_scaling"]
+__all__ = ["ScaleConfig", "comm_bytes_flow", "markdown_table", "plot", "run_scaling", "run_sweep"]
 
 MODES = ("weak", "strong")
 IMPLS = ("ours", "fla-cp")
@@ -198,7 +198,7 @@ def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = 
                 + ("-gated" if cfg.gated else ""), mode=cfg.passes, impl=impl, device="", dtype=cfg.dtype,
                 shapes={"q_local": [cfg.batch, T // world, cfg.heads, cfg.dim]}, median_ms=None, p20_ms=None,
                 p80_ms=None, n_rep=cfg.rep, peak_mem_bytes=None, versions=vers, command=cmd,
-                extra={"world_size": world, "tokens": T, "config": asdict(cfg),
+                extra={"world_size": world, "tokens": T, "batch": cfg.batch, "config": asdict(cfg),
                        "comm_bytes": comm_bytes_flow(cfg, world) if impl == "ours" else None},
             )
             try:
@@ -224,20 +224,35 @@ def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = 
     return rows
 
 
+def run_sweep(base: ScaleConfig, tokens: Sequence[int], batches: Sequence[int],
+              on_point: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+    """:func:`run_scaling` for every (tokens, batch) pair, ``base`` giving everything else; each pair's efficiency is
+    relative to its own smallest world size.
+
+    Raises:
+        ValueError: an empty list, or a pair that makes an invalid :class:`ScaleConfig` (checked before any run).
+    """
+    if not tokens or not batches:
+        raise ValueError(f"tokens and batches must be non-empty, got {list(tokens)} and {list(batches)}")
+    cfgs = [replace(base, tokens=t, batch=b) for t in tokens for b in batches]
+    return [row for cfg in cfgs for row in run_scaling(cfg, on_point)]
+
+
 def markdown_table(rows: Sequence[BenchRow]) -> str:
-    """A Markdown table of a sweep (one line per implementation and world size; failed points show the error)."""
-    lines = ["| impl | ranks | tokens | step ms | tokens/s | tokens/s/rank | efficiency | peak MiB/rank | "
-             "comm bytes/rank |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """A Markdown table of a sweep (one line per implementation, (tokens, batch) and world size; failed points show
+    the error)."""
+    lines = ["| impl | ranks | tokens | B | step ms | tokens/s | tokens/s/rank | efficiency | peak MiB/rank | "
+             "comm bytes/rank |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         e = r.extra
+        head = f"| {r.impl} | {e['world_size']} | {e['tokens']} | {e['batch']} |"
         if r.status != "ok":
-            lines.append(f"| {r.impl} | {e['world_size']} | {e['tokens']} | {r.status}: {(r.error or '')[:80]} "
-                         f"| | | | | |")
+            lines.append(f"{head} {r.status}: {(r.error or '')[:80]} | | | | | |")
             continue
         mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.0f}"
         comm = "-" if e["comm_bytes"] is None else e["comm_bytes"]
-        lines.append(f"| {r.impl} | {e['world_size']} | {e['tokens']} | {r.median_ms:.2f} | {e['tokens_per_s']:.3g} | "
-                     f"{e['tokens_per_s_per_rank']:.3g} | {e['efficiency']:.0%} | {mem} | {comm} |")
+        lines.append(f"{head} {r.median_ms:.2f} | {e['tokens_per_s']:.3g} | {e['tokens_per_s_per_rank']:.3g} | "
+                     f"{e['efficiency']:.0%} | {mem} | {comm} |")
     return "\n".join(lines)
 
 
@@ -251,21 +266,28 @@ def plot(rows: Sequence[BenchRow], path: str | Path) -> Path:
     mode = rows[0].bench.removeprefix("scale-")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     P: list[int] = []
-    for impl in dict.fromkeys(r.impl for r in rows):
-        ok = [r for r in rows if r.impl == impl and r.status == "ok"]
+    # one line per implementation and sweep point; tokens and batch in the label only when the sweep varies them
+    point = lambda r: (r.extra["config"]["tokens"], r.extra["batch"])  # noqa: E731
+    points = list(dict.fromkeys(point(r) for r in rows))
+    for impl, pt in dict.fromkeys((r.impl, point(r)) for r in rows):
+        ok = [r for r in rows if r.impl == impl and point(r) == pt and r.status == "ok"]
         if not ok:
             continue
+        label = impl if len(points) == 1 else f"{impl} T={pt[0]} B={pt[1]}"
         P = sorted(set(P) | {r.extra["world_size"] for r in ok})
         p = [r.extra["world_size"] for r in ok]
         tps = [r.extra["tokens_per_s"] for r in ok]
-        (line,) = ax1.plot(p, tps, "o-", label=impl)
-        ax1.plot(p, [tps[0] * x / p[0] for x in p], "--", color=line.get_color(), alpha=0.5, label=f"{impl} ideal")
-        ax2.plot(p, [100 * r.extra["efficiency"] for r in ok], "o-", color=line.get_color(), label=impl)
+        (line,) = ax1.plot(p, tps, "o-", label=label)
+        ax1.plot(p, [tps[0] * x / p[0] for x in p], "--", color=line.get_color(), alpha=0.5, label=f"{label} ideal")
+        ax2.plot(p, [100 * r.extra["efficiency"] for r in ok], "o-", color=line.get_color(), label=label)
     ax1.set(xscale="log", yscale="log", xlabel="ranks", ylabel="tokens/s", title=f"{mode} scaling, {rows[0].device}")
     ax1.set_xticks(P, [str(p) for p in P])
-    ax1.legend()
+    ax1.legend(fontsize="small")
     ax2.axhline(100, color="k", ls="--")
-    ax2.legend()
-    ax2.set(xscale="log", xlabel="ranks", ylabel="efficiency %", ylim=(0, 110), title=rows[0].case.split("-", 1)[1])
+    ax2.legend(fontsize="small")
+    cfg = rows[0].extra["config"]
+    title = f"H{cfg['heads']} D{cfg['dim']} {cfg['dtype']}" + (" gated" if cfg["gated"] else "")
+    top = max([110.0] + [100 * r.extra["efficiency"] + 10 for r in rows if r.status == "ok"])  # superlinear too
+    ax2.set(xscale="log", xlabel="ranks", ylabel="efficiency %", ylim=(0, top), title=title)
     ax2.set_xticks(P, [str(p) for p in P])
     return save_figure(fig, path)

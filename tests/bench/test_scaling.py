@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pflow_dist.bench.harness import read_jsonl
-from pflow_dist.bench.scaling import ScaleConfig, comm_bytes_flow, markdown_table, plot, run_scaling
+from pflow_dist.bench.scaling import ScaleConfig, comm_bytes_flow, markdown_table, plot, run_scaling, run_sweep
 from pflow_dist.cli import app
 
 pytestmark = pytest.mark.dist
@@ -28,6 +28,27 @@ def test_sweep_rows_and_efficiency(mode, tmp_path):
     table = markdown_table(rows)
     assert table.count("\n") == 3 and "| ours | 2 |" in table
     assert plot(rows, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_sweep_over_sequence_lengths_and_batches(tmp_path):
+    # (tokens, batch) pairs, each with its own efficiency baseline; the table and plot show every point
+    base = ScaleConfig(mode="strong", world_sizes=(1, 2), heads=1, dim=8, warmup=0, rep=1, chunk_size=16)
+    rows = run_sweep(base, tokens=[32, 64], batches=[1, 2])
+    assert [(r.extra["config"]["tokens"], r.extra["batch"], r.extra["world_size"]) for r in rows] == [
+        (32, 1, 1), (32, 1, 2), (32, 2, 1), (32, 2, 2), (64, 1, 1), (64, 1, 2), (64, 2, 1), (64, 2, 2)]
+    assert all(r.status == "ok" for r in rows)
+    assert [r.extra["efficiency"] for r in rows[::2]] == [pytest.approx(1.0)] * 4  # each pair's 1-rank point
+    for one, two in zip(rows[::2], rows[1::2], strict=True):
+        assert two.extra["efficiency"] == pytest.approx(one.median_ms / (2 * two.median_ms))
+        tokens = two.extra["batch"] * two.extra["tokens"]
+        assert two.extra["tokens_per_s"] == pytest.approx(tokens / two.median_ms * 1e3)
+    table = markdown_table(rows)
+    assert table.count("\n") == 9 and "| ours | 2 | 64 | 2 |" in table
+    assert plot(rows, tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="must be non-empty"):
+        run_sweep(base, tokens=[], batches=[1])
+    with pytest.raises(ValueError, match="cannot use 2 ranks"):
+        run_sweep(base, tokens=[64, 1], batches=[1])
 
 
 def test_comm_bytes_grow_with_ranks():
@@ -58,8 +79,16 @@ def test_cli_writes_jsonl_table_and_plot(tmp_path):
     rows = read_jsonl(stem.with_suffix(".jsonl"))
     assert [r["extra"]["world_size"] for r in rows] == [1, 2] and all(r["bench"] == "scale-weak" for r in rows)
     assert stem.with_suffix(".png").exists() and "efficiency" in stem.with_suffix(".md").read_text()
+    res = CliRunner().invoke(app, ["scale", "--world", "1,2", "--tokens", "24,32", "--batch", "1,2", "--heads", "1",
+                                   "--dim", "8", "--warmup", "0", "--rep", "1", "--mode", "strong",
+                                   "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = read_jsonl(tmp_path / "strong-T24_32-B1_2-H1-D8-cpu.jsonl")
+    assert {(r["extra"]["tokens"], r["extra"]["batch"]) for r in rows} == {(24, 1), (24, 2), (32, 1), (32, 2)}
     res = CliRunner().invoke(app, ["scale", "--world", "1,x"])
-    assert res.exit_code != 0
+    assert res.exit_code != 0 and "comma-separated integers" in res.output
+    res = CliRunner().invoke(app, ["scale", "--mode", "strong", "--world", "1,4", "--tokens", "64,2"])
+    assert res.exit_code != 0 and "cannot use 4 ranks" in res.output
     res = CliRunner().invoke(app, ["scale", "--impl", "fla-cp", "--device", "cpu"])
     assert res.exit_code != 0 and "needs CUDA GPUs" in res.output
 
@@ -72,7 +101,8 @@ def test_gated_forward_sweep_and_error_rows_in_the_table(tmp_path):
     assert all(r.status == "ok" and r.extra["tokens_per_s"] > 0 for r in rows)
     # a peer that refused at one world size: its row carries the reason, the table and the plot skip its numbers
     failed = dataclasses.replace(rows[1], impl="fla-cp", status="error", error="RuntimeError: refused", median_ms=None,
-                                 extra={k: v for k, v in rows[1].extra.items() if k in ("world_size", "tokens")})
+                                 extra={k: v for k, v in rows[1].extra.items()
+                                        if k in ("world_size", "tokens", "batch", "config")})
     table = markdown_table([*rows, failed])
-    assert "| fla-cp | 2 | 80 | error: RuntimeError: refused" in table
+    assert "| fla-cp | 2 | 80 | 1 | error: RuntimeError: refused" in table
     assert plot([*rows, failed], tmp_path / "p.png").stat().st_size > 1000
