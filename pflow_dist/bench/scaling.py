@@ -17,6 +17,7 @@ Implementations (``impls``), each swept over the same world sizes and inputs:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -101,16 +102,20 @@ class ScaleConfig:
         return self.tokens * world if self.mode == "weak" else self.tokens
 
 
-def comm_bytes_flow(cfg: ScaleConfig, world: int) -> int:
-    """Bytes each rank sends+receives in one fwd+bwd of ``sp_flow``: the all-gather of the flow maps (M, D) forward
-    (P maps of B·H·(K² + K·V) fp32) and the all-reduce of their gradients backward (2× the buffer, ring)."""
-    if world == 1:
-        return 0
+def comm_bytes_flow(cfg: ScaleConfig, world: int, algorithm: str | None = None) -> int:
+    """Bytes the busiest rank sends + receives in one step of ``sp_flow`` (no initial state): the combine of the
+    shards' flow maps (M [B, H, K, K], D [B, H, K, V], fp32) forward, and the same combine of (Mᵀ, ∂L/∂S_in)
+    backward (:func:`pflow_dist.dist.incoming_state`). Its ``auto`` algorithm is a ring all-gather on NCCL (each rank
+    sends and receives P−1 maps) and recursive doubling on gloo (in round d = 1, 2, 4, ... rank v sends one map to
+    v + d and receives one from v − d, where those exist); ``algorithm`` ("allgather" / "doubling") overrides that
+    choice. ``passes="fwd"`` halves it."""
     m = cfg.batch * cfg.heads * (cfg.dim * cfg.dim + cfg.dim * cfg.dim) * 4  # one rank's (M, D), K = V = dim
-    gather = 2 * (world - 1) * m  # ring all-gather: P−1 maps sent and P−1 received
-    n = world * m + cfg.batch * cfg.heads * cfg.dim * cfg.dim * 4  # gradient buffer: P maps + the initial state
-    reduce = 2 * 2 * (world - 1) / world * n  # ring all-reduce: 2(P−1)/P of the buffer, sent and received
-    return int(gather + reduce)
+    if (algorithm or ("allgather" if cfg.device == "cuda" else "doubling")) == "allgather":
+        messages = 2 * (world - 1)
+    else:
+        rounds = [2**i for i in range(math.ceil(math.log2(world)))] if world > 1 else []
+        messages = max(sum((v + d < world) + (v - d >= 0) for d in rounds) for v in range(world))
+    return messages * m * (1 if cfg.passes == "fwd" else 2)
 
 
 def _layer(cfg: ScaleConfig, impl: str, world: int, device: torch.device) -> Callable[..., torch.Tensor]:

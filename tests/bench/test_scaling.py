@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from pflow_dist.bench.harness import read_jsonl
 from pflow_dist.bench.scaling import ScaleConfig, comm_bytes_flow, markdown_table, plot, run_scaling, run_sweep
 from pflow_dist.cli import app
+from pflow_dist.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.dist
 
@@ -51,9 +52,51 @@ def test_sweep_over_sequence_lengths_and_batches(tmp_path):
         run_sweep(base, tokens=[64, 1], batches=[1])
 
 
+def _count_comm_bytes(rank: int, world: int, cfg: ScaleConfig) -> int:
+    """Bytes this rank sends + receives in one sp_flow fwd+bwd, counted at the torch.distributed calls themselves."""
+    import torch
+    import torch.distributed as dist
+
+    from pflow_dist.dist import sp_flow
+
+    count = [0]
+    real_all_gather, real_batch = dist.all_gather, dist.batch_isend_irecv
+
+    def all_gather(tensor_list, tensor, *args, **kwargs):  # ring: P-1 copies of this tensor out, P-1 in
+        count[0] += 2 * (len(tensor_list) - 1) * tensor.numel() * tensor.element_size()
+        return real_all_gather(tensor_list, tensor, *args, **kwargs)
+
+    def batch_isend_irecv(ops):
+        count[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+        return real_batch(ops)
+
+    dist.all_gather, dist.batch_isend_irecv = all_gather, batch_isend_irecv
+    B, T, H, D = cfg.batch, 16, cfg.heads, cfg.dim
+    gen = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen, requires_grad=True) for _ in range(3))
+    beta = torch.rand(B, T, H, generator=gen, requires_grad=True)
+    o = sp_flow(q, torch.nn.functional.normalize(k, dim=-1), v, beta, group=None, chunk_size=16)[0]
+    torch.autograd.grad(o, [q, k, v, beta], torch.ones_like(o))
+    return count[0]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_comm_bytes_match_the_collectives(world):
+    # the reported bytes are those the busiest rank moves through the real collectives of sp_flow (gloo: doubling)
+    cfg = ScaleConfig(heads=2, dim=8, batch=2)
+    counted = run_distributed(_count_comm_bytes, world, cfg)
+    assert max(counted) == comm_bytes_flow(cfg, world) > 0
+
+
 def test_comm_bytes_grow_with_ranks():
-    cfg = ScaleConfig()
-    assert comm_bytes_flow(cfg, 1) == 0 < comm_bytes_flow(cfg, 2) < comm_bytes_flow(cfg, 4)
+    cfg = ScaleConfig(heads=2, dim=8)
+    m = 2 * (8 * 8 + 8 * 8) * 4  # one rank's (M, D) in bytes
+    for algorithm in ("allgather", "doubling"):
+        assert comm_bytes_flow(cfg, 1, algorithm) == 0 < comm_bytes_flow(cfg, 2, algorithm)
+        assert comm_bytes_flow(cfg, 2, algorithm) < comm_bytes_flow(cfg, 4, algorithm)
+    assert comm_bytes_flow(cfg, 4, "allgather") == 2 * 2 * 3 * m  # fwd + bwd, each 3 maps out and 3 in
+    assert comm_bytes_flow(cfg, 8, "doubling") == 2 * 5 * m  # the busiest rank: 3 rounds, 5 messages
+    assert 2 * comm_bytes_flow(dataclasses.replace(cfg, passes="fwd"), 3) == comm_bytes_flow(cfg, 3)
 
 
 @pytest.mark.parametrize("kwargs, match", [
