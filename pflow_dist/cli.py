@@ -107,6 +107,11 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instea
     console.print(t)
 
 
+_SP_BENCH = ("sequence-parallel flow layer over ranks (one process per rank, fla context parallelism as the peer): "
+             "run `pflow-dist scale`, e.g. pflow-dist scale --mode weak --world 1,2 --tokens 65536,262144,1048576 "
+             "--heads 16 --dim 128 --dtype bf16 --gated --impl ours --impl fla-cp")
+
+
 @app.command()
 def bench(
     name: Annotated[str | None, typer.Argument(help="Benchmark to run (see --list).")] = None,
@@ -128,9 +133,12 @@ def bench(
     if list_:
         for key, (_, desc) in sorted(BENCHES.items()):
             console.print(f"[bold]{key:<10}[/bold] {desc}")
+        console.print(f"[bold]{'sp':<10}[/bold] {_SP_BENCH}")
         return
     if name is None:
         raise typer.BadParameter("give a benchmark name or --list", param_hint="NAME")
+    if name == "sp":
+        raise typer.BadParameter(_SP_BENCH, param_hint="NAME")
     import torch
 
     from .bench.harness import write_jsonl

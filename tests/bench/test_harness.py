@@ -94,7 +94,9 @@ def test_filters_are_validated():
 def test_cli_bench_list_and_quick_run(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["bench", "--list"])
-    assert res.exit_code == 0 and "gru" in res.output and "flow" in res.output
+    assert res.exit_code == 0 and "gru" in res.output and "flow" in res.output and "sp " in res.output
+    res = runner.invoke(app, ["bench", "sp"])  # multi-process: points to the command that runs it
+    assert res.exit_code != 0 and "pflow-dist scale" in res.output
     out = tmp_path / "gru.jsonl"
     res = runner.invoke(app, ["bench", "gru", "--quick", "--case", "B2-nh8-T64", "--warmup", "0", "--rep", "2",
                               "--out", str(out)])
