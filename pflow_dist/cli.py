@@ -184,10 +184,12 @@ def scale(
                                                          "bf16, --gated, B=1), repeatable.")] = None,
     gated: Annotated[bool, typer.Option("--gated", help="The gated delta rule (per-token log-decay).")] = False,
     passes: Annotated[str, typer.Option(help="fwd+bwd or fwd.")] = "fwd+bwd",
+    op: Annotated[str, typer.Option(help="flow (sp_flow, the delta rule) or scan (sp_scan, a diagonal scan over "
+                                         "heads·dim channels).")] = "flow",
     out_dir: Annotated[Path, typer.Option(help="Where the JSONL, PNG and Markdown table go.")] = Path("runs/scale"),
 ) -> None:
-    """Weak or strong scaling of the sequence-parallel flow layer (fwd+bwd) over ranks, swept over sequence lengths
-    and batch sizes: JSONL, plot, table."""
+    """Weak or strong scaling of a sequence-parallel op (the flow layer or the scan; fwd+bwd) over ranks, swept over
+    sequence lengths and batch sizes: JSONL, plot, table."""
     import dataclasses
 
     import torch
@@ -204,7 +206,7 @@ def scale(
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         cfg = ScaleConfig(mode=mode, world_sizes=sizes, tokens=token_list[0], batch=batch_list[0], heads=heads,
                           dim=dim, dtype=_DTYPES[dtype], device=dev, warmup=warmup, rep=rep,
-                          impls=tuple(impl or ["ours"]), gated=gated, passes=passes)
+                          impls=tuple(impl or ["ours"]), gated=gated, passes=passes, op=op)
         for t in token_list:  # every point is validated before the first process starts
             for b in batch_list:
                 dataclasses.replace(cfg, tokens=t, batch=b)
@@ -216,7 +218,9 @@ def scale(
         rows = run_sweep(cfg, token_list, batch_list, on_point=lambda r: progress.advance(task))
     name = lambda xs: "_".join(map(str, xs))  # noqa: E731
     batch_part = "" if batch_list == (1,) else f"-B{name(batch_list)}"
-    stem = out_dir / f"{mode}-T{name(token_list)}{batch_part}-H{heads}-D{dim}{'-gated' if gated else ''}-{cfg.device}"
+    op_part = "" if op == "flow" else f"{op}-"
+    stem = out_dir / (f"{op_part}{mode}-T{name(token_list)}{batch_part}-H{heads}-D{dim}{'-gated' if gated else ''}"
+                      f"-{cfg.device}")
     table = markdown_table(rows)
     write_jsonl(rows, stem.with_suffix(".jsonl"))
     stem.with_suffix(".md").write_text(table + "\n")

@@ -32,11 +32,12 @@ from ..plotting import save_figure
 from ..testing.distributed import run_distributed
 from .harness import BenchRow, command_line, device_name, versions
 
-__all__ = ["ScaleConfig", "comm_bytes_flow", "markdown_table", "plot", "run_scaling", "run_sweep"]
+__all__ = ["ScaleConfig", "comm_bytes", "markdown_table", "plot", "run_scaling", "run_sweep"]
 
 MODES = ("weak", "strong")
 IMPLS = ("ours", "fla-cp")
 PASSES = ("fwd+bwd", "fwd")
+OPS = ("flow", "scan")
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,16 @@ class ScaleConfig:
     impls: tuple[str, ...] = ("ours",)
     gated: bool = False
     passes: str = "fwd+bwd"
+    op: str = "flow"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if self.op == "scan" and (self.gated or self.impls != ("ours",)):
+            raise ValueError("op 'scan' (sp_scan, diagonal, heads·dim channels) takes neither gated=True nor a peer "
+                             f"implementation, got gated={self.gated}, impls={self.impls}")
         if not self.impls or any(i not in IMPLS for i in self.impls):
             raise ValueError(f"impls must be a non-empty subset of {IMPLS}, got {self.impls}")
         if self.passes not in PASSES:
@@ -102,14 +109,19 @@ class ScaleConfig:
         return self.tokens * world if self.mode == "weak" else self.tokens
 
 
-def comm_bytes_flow(cfg: ScaleConfig, world: int, algorithm: str | None = None) -> int:
-    """Bytes the busiest rank sends + receives in one step of ``sp_flow`` (no initial state): the combine of the
-    shards' flow maps (M [B, H, K, K], D [B, H, K, V], fp32) forward, and the same combine of (Mᵀ, ∂L/∂S_in)
-    backward (:func:`pflow_dist.dist.incoming_state`). Its ``auto`` algorithm is a ring all-gather on NCCL (each rank
-    sends and receives P−1 maps) and recursive doubling on gloo (in round d = 1, 2, 4, ... rank v sends one map to
-    v + d and receives one from v − d, where those exist); ``algorithm`` ("allgather" / "doubling") overrides that
-    choice. ``passes="fwd"`` halves it."""
-    m = cfg.batch * cfg.heads * (cfg.dim * cfg.dim + cfg.dim * cfg.dim) * 4  # one rank's (M, D), K = V = dim
+def comm_bytes(cfg: ScaleConfig, world: int, algorithm: str | None = None) -> int:
+    """Bytes the busiest rank sends + receives in one step of ``sp_flow`` / ``sp_scan`` (no initial state).
+
+    Forward, the combine of the shards' maps (flow: M [B, H, K, K] and D [B, H, K, V]; diagonal scan: M and D
+    [B, N]; fp32); backward, the same combine of (Mᵀ, ∂L/∂S_in) (:func:`pflow_dist.dist.incoming_state`). Its
+    ``auto`` algorithm is a ring all-gather on NCCL (each rank sends and receives P−1 maps) and recursive doubling on
+    gloo (in round d = 1, 2, 4, ... rank v sends one map to v + d and receives one from v − d, where those exist);
+    ``algorithm`` ("allgather" / "doubling") overrides that choice. ``passes="fwd"`` halves it.
+    """
+    if cfg.op == "flow":
+        m = cfg.batch * cfg.heads * (cfg.dim * cfg.dim + cfg.dim * cfg.dim) * 4  # one rank's (M, D), K = V = dim
+    else:
+        m = cfg.batch * 2 * cfg.heads * cfg.dim * 4  # diagonal M and D over N = heads · dim channels
     if (algorithm or ("allgather" if cfg.device == "cuda" else "doubling")) == "allgather":
         messages = 2 * (world - 1)
     else:
@@ -119,7 +131,12 @@ def comm_bytes_flow(cfg: ScaleConfig, world: int, algorithm: str | None = None) 
 
 
 def _layer(cfg: ScaleConfig, impl: str, world: int, device: torch.device) -> Callable[..., torch.Tensor]:
-    """``f(q, k, v, beta, g) -> o`` on this rank's shard for ``impl`` (imported in the child process)."""
+    """``f(*leaves, g) -> output`` on this rank's shard for ``impl`` (imported in the child process): the flow layer
+    ``(q, k, v, beta, g)`` or the diagonal scan ``(a, b, None)``."""
+    if cfg.op == "scan":
+        from ..dist import sp_scan  # noqa: PLC0415
+
+        return lambda a, b, _: sp_scan(a, b, group=dist.group.WORLD, backend=cfg.backend)[0]
     if impl == "ours":
         from ..dist import sp_flow  # noqa: PLC0415
 
@@ -146,12 +163,19 @@ def _worker(rank: int, world: int, cfg: ScaleConfig, impl: str = "ours") -> dict
     gen = torch.Generator().manual_seed(rank)
     B, H, D = cfg.batch, cfg.heads, cfg.dim
     mk = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
-    q, v = mk(B, T_local, H, D), mk(B, T_local, H, D)
-    k = F.normalize(mk(B, T_local, H, D).float(), dim=-1).to(dtype)
-    beta = torch.rand(B, T_local, H, generator=gen).to(device=device, dtype=dtype)
-    g = F.logsigmoid(torch.randn(B, T_local, H, generator=gen) + 4).to(device) if cfg.gated else None  # fp32, ≤ 0
-    leaves = [x.requires_grad_(True) for x in (q, k, v, beta)]
-    do = mk(B, T_local, H, D)
+    g = None
+    if cfg.op == "scan":  # decays in (0.5, 1): a long memory, as in the recurrences it stands for
+        a = (0.5 + 0.5 * torch.rand(B, T_local, H * D, generator=gen)).to(device=device, dtype=dtype)
+        leaves = [a.requires_grad_(True), mk(B, T_local, H * D).requires_grad_(True)]
+        do = mk(B, T_local, H * D)
+    else:
+        q, v = mk(B, T_local, H, D), mk(B, T_local, H, D)
+        k = F.normalize(mk(B, T_local, H, D).float(), dim=-1).to(dtype)
+        beta = torch.rand(B, T_local, H, generator=gen).to(device=device, dtype=dtype)
+        if cfg.gated:
+            g = F.logsigmoid(torch.randn(B, T_local, H, generator=gen) + 4).to(device)  # fp32, ≤ 0
+        leaves = [x.requires_grad_(True) for x in (q, k, v, beta)]
+        do = mk(B, T_local, H, D)
     layer = _layer(cfg, impl, world, device)
 
     def step() -> None:
@@ -198,13 +222,17 @@ def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = 
         base: BenchRow | None = None  # efficiency is relative to this implementation's smallest world size
         for world in sorted(cfg.world_sizes):
             T = cfg.total_tokens(world)
+            if cfg.op == "flow":
+                case, shapes = "", {"q_local": [cfg.batch, T // world, cfg.heads, cfg.dim]}
+            else:
+                case, shapes = f"{cfg.op}-", {"a_local": [cfg.batch, T // world, cfg.heads * cfg.dim]}
+            case += f"P{world}-T{T}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}" + ("-gated" if cfg.gated else "")
             row = BenchRow(
-                bench=f"scale-{cfg.mode}", case=f"P{world}-T{T}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}"
-                + ("-gated" if cfg.gated else ""), mode=cfg.passes, impl=impl, device="", dtype=cfg.dtype,
-                shapes={"q_local": [cfg.batch, T // world, cfg.heads, cfg.dim]}, median_ms=None, p20_ms=None,
-                p80_ms=None, n_rep=cfg.rep, peak_mem_bytes=None, versions=vers, command=cmd,
+                bench=f"scale-{cfg.mode}", case=case, mode=cfg.passes, impl=impl, device="", dtype=cfg.dtype,
+                shapes=shapes, median_ms=None, p20_ms=None, p80_ms=None, n_rep=cfg.rep, peak_mem_bytes=None,
+                versions=vers, command=cmd,
                 extra={"world_size": world, "tokens": T, "batch": cfg.batch, "config": asdict(cfg),
-                       "comm_bytes": comm_bytes_flow(cfg, world) if impl == "ours" else None},
+                       "comm_bytes": comm_bytes(cfg, world) if impl == "ours" else None},
             )
             try:
                 res = run_distributed(_worker, world, cfg, impl, backend=backend, timeout_s=1800,
@@ -291,7 +319,8 @@ def plot(rows: Sequence[BenchRow], path: str | Path) -> Path:
     ax2.axhline(100, color="k", ls="--")
     ax2.legend(fontsize="small")
     cfg = rows[0].extra["config"]
-    title = f"H{cfg['heads']} D{cfg['dim']} {cfg['dtype']}" + (" gated" if cfg["gated"] else "")
+    title = (f"{cfg.get('op', 'flow')} H{cfg['heads']} D{cfg['dim']} {cfg['dtype']}"
+             + (" gated" if cfg["gated"] else ""))
     top = max([110.0] + [100 * r.extra["efficiency"] + 10 for r in rows if r.status == "ok"])  # superlinear too
     ax2.set(xscale="log", xlabel="ranks", ylabel="efficiency %", ylim=(0, top), title=title)
     ax2.set_xticks(P, [str(p) for p in P])

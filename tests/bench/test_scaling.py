@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pflow_dist.bench.harness import read_jsonl
-from pflow_dist.bench.scaling import ScaleConfig, comm_bytes_flow, markdown_table, plot, run_scaling, run_sweep
+from pflow_dist.bench.scaling import ScaleConfig, comm_bytes, markdown_table, plot, run_scaling, run_sweep
 from pflow_dist.cli import app
 from pflow_dist.testing.distributed import run_distributed
 
@@ -53,11 +53,11 @@ def test_sweep_over_sequence_lengths_and_batches(tmp_path):
 
 
 def _count_comm_bytes(rank: int, world: int, cfg: ScaleConfig) -> int:
-    """Bytes this rank sends + receives in one sp_flow fwd+bwd, counted at the torch.distributed calls themselves."""
+    """Bytes this rank sends + receives in one sp_flow / sp_scan fwd+bwd, counted at the torch.distributed calls."""
     import torch
     import torch.distributed as dist
 
-    from pflow_dist.dist import sp_flow
+    from pflow_dist.dist import sp_flow, sp_scan
 
     count = [0]
     real_all_gather, real_batch = dist.all_gather, dist.batch_isend_irecv
@@ -73,30 +73,47 @@ def _count_comm_bytes(rank: int, world: int, cfg: ScaleConfig) -> int:
     dist.all_gather, dist.batch_isend_irecv = all_gather, batch_isend_irecv
     B, T, H, D = cfg.batch, 16, cfg.heads, cfg.dim
     gen = torch.Generator().manual_seed(rank)
-    q, k, v = (torch.randn(B, T, H, D, generator=gen, requires_grad=True) for _ in range(3))
-    beta = torch.rand(B, T, H, generator=gen, requires_grad=True)
-    o = sp_flow(q, torch.nn.functional.normalize(k, dim=-1), v, beta, group=None, chunk_size=16)[0]
-    torch.autograd.grad(o, [q, k, v, beta], torch.ones_like(o))
+    if cfg.op == "scan":
+        leaves = [torch.rand(B, T, H * D, generator=gen, requires_grad=True),
+                  torch.randn(B, T, H * D, generator=gen, requires_grad=True)]
+        o = sp_scan(*leaves, group=None)[0]
+    else:
+        leaves = [torch.randn(B, T, H, D, generator=gen, requires_grad=True) for _ in range(3)]
+        leaves.append(torch.rand(B, T, H, generator=gen, requires_grad=True))
+        q, k, v, beta = leaves
+        o = sp_flow(q, torch.nn.functional.normalize(k, dim=-1), v, beta, group=None, chunk_size=16)[0]
+    torch.autograd.grad(o, leaves, torch.ones_like(o))
     return count[0]
 
 
+@pytest.mark.parametrize("op", ["flow", "scan"])
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_comm_bytes_match_the_collectives(world):
-    # the reported bytes are those the busiest rank moves through the real collectives of sp_flow (gloo: doubling)
-    cfg = ScaleConfig(heads=2, dim=8, batch=2)
+def test_comm_bytes_match_the_collectives(world, op):
+    # the reported bytes are those the busiest rank moves through the real collectives (gloo: doubling)
+    cfg = ScaleConfig(heads=2, dim=8, batch=2, op=op)
     counted = run_distributed(_count_comm_bytes, world, cfg)
-    assert max(counted) == comm_bytes_flow(cfg, world) > 0
+    assert max(counted) == comm_bytes(cfg, world) > 0
+
+
+def test_scan_sweep(tmp_path):
+    # the diagonal scan (sp_scan) over heads · dim channels: same metrics, its own case names and comm bytes
+    cfg = ScaleConfig(mode="weak", world_sizes=(1, 2), tokens=64, heads=2, dim=8, warmup=0, rep=1, op="scan")
+    rows = run_scaling(cfg)
+    assert [r.case for r in rows] == ["scan-P1-T64-B1-H2-D8", "scan-P2-T128-B1-H2-D8"]
+    assert all(r.status == "ok" for r in rows) and rows[1].shapes == {"a_local": [1, 64, 16]}
+    assert rows[1].extra["comm_bytes"] == comm_bytes(cfg, 2) == 2 * (2 * 16 * 4)  # one (M, D) message fwd, one bwd
+    assert plot(rows, tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_comm_bytes_grow_with_ranks():
     cfg = ScaleConfig(heads=2, dim=8)
     m = 2 * (8 * 8 + 8 * 8) * 4  # one rank's (M, D) in bytes
     for algorithm in ("allgather", "doubling"):
-        assert comm_bytes_flow(cfg, 1, algorithm) == 0 < comm_bytes_flow(cfg, 2, algorithm)
-        assert comm_bytes_flow(cfg, 2, algorithm) < comm_bytes_flow(cfg, 4, algorithm)
-    assert comm_bytes_flow(cfg, 4, "allgather") == 2 * 2 * 3 * m  # fwd + bwd, each 3 maps out and 3 in
-    assert comm_bytes_flow(cfg, 8, "doubling") == 2 * 5 * m  # the busiest rank: 3 rounds, 5 messages
-    assert 2 * comm_bytes_flow(dataclasses.replace(cfg, passes="fwd"), 3) == comm_bytes_flow(cfg, 3)
+        assert comm_bytes(cfg, 1, algorithm) == 0 < comm_bytes(cfg, 2, algorithm)
+        assert comm_bytes(cfg, 2, algorithm) < comm_bytes(cfg, 4, algorithm)
+    assert comm_bytes(cfg, 4, "allgather") == 2 * 2 * 3 * m  # fwd + bwd, each 3 maps out and 3 in
+    assert comm_bytes(cfg, 8, "doubling") == 2 * 5 * m  # the busiest rank: 3 rounds, 5 messages
+    assert 2 * comm_bytes(dataclasses.replace(cfg, passes="fwd"), 3) == comm_bytes(cfg, 3)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -106,6 +123,8 @@ def test_comm_bytes_grow_with_ranks():
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
     (dict(impls=("ours", "mamba")), "impls must be a non-empty subset"),
     (dict(passes="bwd"), "passes must be one of"),
+    (dict(op="deer"), "op must be one of"),
+    (dict(op="scan", gated=True), "op 'scan'.*takes neither gated=True nor a peer"),
     (dict(impls=("fla-cp",), mode="strong", batch=2, tokens=33, world_sizes=(1, 2), chunk_size=128),
      "fla-cp' needs CUDA GPUs.*bf16/fp16.*batch 1.*gated=True.*not by \\[2\\].*chunk_size 16, 32 or 64 \\(got 128\\)"),
 ])
@@ -128,6 +147,11 @@ def test_cli_writes_jsonl_table_and_plot(tmp_path):
     assert res.exit_code == 0, res.output
     rows = read_jsonl(tmp_path / "strong-T24_32-B1_2-H1-D8-cpu.jsonl")
     assert {(r["extra"]["tokens"], r["extra"]["batch"]) for r in rows} == {(24, 1), (24, 2), (32, 1), (32, 2)}
+    res = CliRunner().invoke(app, ["scale", "--op", "scan", "--world", "1,2", "--tokens", "32", "--heads", "1",
+                                   "--dim", "8", "--warmup", "0", "--rep", "1", "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert [r["case"] for r in read_jsonl(tmp_path / "scan-weak-T32-H1-D8-cpu.jsonl")] == [
+        "scan-P1-T32-B1-H1-D8", "scan-P2-T64-B1-H1-D8"]
     res = CliRunner().invoke(app, ["scale", "--world", "1,x"])
     assert res.exit_code != 0 and "comma-separated integers" in res.output
     res = CliRunner().invoke(app, ["scale", "--mode", "strong", "--world", "1,4", "--tokens", "64,2"])
