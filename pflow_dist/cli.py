@@ -189,10 +189,18 @@ def scale(
     out_dir: Annotated[Path, typer.Option(help="Where the JSONL, PNG and Markdown table go.")] = Path("runs/scale"),
 ) -> None:
     """Weak or strong scaling of a sequence-parallel op (the flow layer or the scan; fwd+bwd) over ranks, swept over
-    sequence lengths and batch sizes: JSONL, plot, table."""
+    sequence lengths and batch sizes: JSONL, plot, table.
+
+    Run plainly, each world size gets its own group of processes on this machine (gloo on CPU, one GPU per rank with
+    NCCL). Run under torchrun (``torchrun --nnodes N --nproc-per-node G -m pflow_dist.cli scale ...``), the job's
+    ranks (any number of nodes) are used: world size P runs on the first P ranks, rank 0 writes the results.
+    """
     import dataclasses
+    import os
+    from datetime import timedelta
 
     import torch
+    import torch.distributed as dist
     from rich.progress import Progress
 
     from .bench.harness import write_jsonl
@@ -202,20 +210,30 @@ def scale(
         raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
     sizes, token_list, batch_list = (_int_list(v, name) for v, name in
                                      ((world, "--world"), (tokens, "--tokens"), (batch, "--batch")))
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    in_job = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if in_job and not dist.is_initialized():
+        if dev == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo", timeout=timedelta(seconds=600))
     try:
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         cfg = ScaleConfig(mode=mode, world_sizes=sizes, tokens=token_list[0], batch=batch_list[0], heads=heads,
                           dim=dim, dtype=_DTYPES[dtype], device=dev, warmup=warmup, rep=rep,
-                          impls=tuple(impl or ["ours"]), gated=gated, passes=passes, op=op)
+                          impls=tuple(impl or ["ours"]), gated=gated, passes=passes, op=op, in_job=in_job)
         for t in token_list:  # every point is validated before the first process starts
             for b in batch_list:
                 dataclasses.replace(cfg, tokens=t, batch=b)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    lead = not in_job or dist.get_rank() == 0  # the rank that reports
     n_points = len(sizes) * len(cfg.impls) * len(token_list) * len(batch_list)
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=not lead) as progress:
         task = progress.add_task(f"{mode} scaling", total=n_points)
         rows = run_sweep(cfg, token_list, batch_list, on_point=lambda r: progress.advance(task))
+    if in_job:
+        dist.destroy_process_group()
+    if not lead:
+        return
     name = lambda xs: "_".join(map(str, xs))  # noqa: E731
     batch_part = "" if batch_list == (1,) else f"-B{name(batch_list)}"
     op_part = "" if op == "flow" else f"{op}-"

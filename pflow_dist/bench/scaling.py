@@ -60,6 +60,7 @@ class ScaleConfig:
     gated: bool = False
     passes: str = "fwd+bwd"
     op: str = "flow"
+    in_job: bool = False  # this process is one rank of a running job (torchrun): see run_scaling
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -79,7 +80,13 @@ class ScaleConfig:
             raise ValueError(f"world_sizes must be positive, got {self.world_sizes}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.device == "cuda" and max(self.world_sizes) > torch.cuda.device_count():
+        if self.in_job:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("in_job=True needs the job's process group initialised (e.g. under torchrun)")
+            if max(self.world_sizes) > dist.get_world_size():
+                raise ValueError(f"world size {max(self.world_sizes)} needs that many ranks; the job has "
+                                 f"{dist.get_world_size()}")
+        elif self.device == "cuda" and max(self.world_sizes) > torch.cuda.device_count():
             raise ValueError(f"world size {max(self.world_sizes)} needs that many GPUs, "
                              f"{torch.cuda.device_count()} visible")
         if self.mode == "strong" and self.tokens < max(self.world_sizes):
@@ -130,17 +137,18 @@ def comm_bytes(cfg: ScaleConfig, world: int, algorithm: str | None = None) -> in
     return messages * m * (1 if cfg.passes == "fwd" else 2)
 
 
-def _layer(cfg: ScaleConfig, impl: str, world: int, device: torch.device) -> Callable[..., torch.Tensor]:
+def _layer(cfg: ScaleConfig, impl: str, world: int, device: torch.device,
+           group: dist.ProcessGroup) -> Callable[..., torch.Tensor]:
     """``f(*leaves, g) -> output`` on this rank's shard for ``impl`` (imported in the child process): the flow layer
     ``(q, k, v, beta, g)`` or the diagonal scan ``(a, b, None)``."""
     if cfg.op == "scan":
         from ..dist import sp_scan  # noqa: PLC0415
 
-        return lambda a, b, _: sp_scan(a, b, group=dist.group.WORLD, backend=cfg.backend)[0]
+        return lambda a, b, _: sp_scan(a, b, group=group, backend=cfg.backend)[0]
     if impl == "ours":
         from ..dist import sp_flow  # noqa: PLC0415
 
-        return lambda q, k, v, beta, g: sp_flow(q, k, v, beta, g, group=dist.group.WORLD, chunk_size=cfg.chunk_size,
+        return lambda q, k, v, beta, g: sp_flow(q, k, v, beta, g, group=group, chunk_size=cfg.chunk_size,
                                                 backend=cfg.backend, check_finite=False)[0]
     from fla.ops.cp import build_cp_context  # noqa: PLC0415 - the peer, on the GPU image
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: PLC0415
@@ -149,15 +157,23 @@ def _layer(cfg: ScaleConfig, impl: str, world: int, device: torch.device) -> Cal
     ctx = None
     if world > 1:
         cu = torch.tensor([0, T], dtype=torch.long)
-        ctx = build_cp_context(cu.to(device), group=dist.group.WORLD, cu_seqlens_cpu=cu)
+        ctx = build_cp_context(cu.to(device), group=group, cu_seqlens_cpu=cu)
     return lambda q, k, v, beta, g: chunk_gated_delta_rule(q, k, v, g, beta, cp_context=ctx,
                                                            chunk_size=cfg.chunk_size)[0]
 
 
 def _worker(rank: int, world: int, cfg: ScaleConfig, impl: str = "ours") -> dict:
+    """One spawned rank (:func:`~pflow_dist.testing.distributed.run_distributed`, one GPU per rank on CUDA)."""
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return _measure(rank, world, cfg, impl, dist.group.WORLD, device)
+
+
+def _measure(rank: int, world: int, cfg: ScaleConfig, impl: str, group: dist.ProcessGroup,
+             device: torch.device) -> dict:
+    """Time ``impl`` on this rank's shard over ``group`` (``world`` ranks, this one is ``rank`` in it); the slowest
+    rank's median and the largest peak memory."""
     dtype = getattr(torch, cfg.dtype)
     T_local = cfg.total_tokens(world) // world + (1 if rank < cfg.total_tokens(world) % world else 0)
     gen = torch.Generator().manual_seed(rank)
@@ -176,7 +192,7 @@ def _worker(rank: int, world: int, cfg: ScaleConfig, impl: str = "ours") -> dict
             g = F.logsigmoid(torch.randn(B, T_local, H, generator=gen) + 4).to(device)  # fp32, ≤ 0
         leaves = [x.requires_grad_(True) for x in (q, k, v, beta)]
         do = mk(B, T_local, H, D)
-    layer = _layer(cfg, impl, world, device)
+    layer = _layer(cfg, impl, world, device, group)
 
     def step() -> None:
         if cfg.passes == "fwd":
@@ -188,7 +204,7 @@ def _worker(rank: int, world: int, cfg: ScaleConfig, impl: str = "ours") -> dict
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        dist.barrier()
+        dist.barrier(group=group)
 
     for _ in range(cfg.warmup):
         step()
@@ -201,19 +217,47 @@ def _worker(rank: int, world: int, cfg: ScaleConfig, impl: str = "ours") -> dict
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1
-    peak_t = torch.tensor([peak], dtype=torch.int64)
-    dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
-    return {"seconds": slowest.item(), "peak_mem_bytes": int(peak_t.item()), "device": device_name(device)}
+    stats = torch.tensor([statistics.median(times), float(peak)], dtype=torch.float64, device=device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+    return {"seconds": stats[0].item(), "peak_mem_bytes": int(stats[1].item()), "device": device_name(device)}
+
+
+def _in_job(cfg: ScaleConfig, impl: str, world: int) -> dict:
+    """Measure on the first ``world`` ranks of a job that is already running (torchrun: every rank calls this with
+    the same arguments) through a sub-group; the others wait. Every rank returns rank 0's result, or every rank
+    raises the first error (so the ranks stay in step)."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)))  # collective over the whole job
+    res, err = None, None
+    if rank < world:
+        device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+        try:
+            res = _measure(rank, world, cfg, impl, group, device)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            err = f"rank {rank}: {type(e).__name__}: {e}"
+    outs: list = [None] * size
+    dist.all_gather_object(outs, (res, err))
+    dist.destroy_process_group(group)
+    errors = [e for _, e in outs if e]
+    if errors:
+        raise RuntimeError(errors[0])
+    return outs[0][0]
 
 
 def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
     """Run the sweep; efficiency is relative to the smallest world size measured.
 
+    With ``cfg.in_job`` this process is one rank of a running job (torchrun, possibly over several nodes, the
+    default process group initialised): every rank must call this, and each world size P runs on the job's first P
+    ranks through a sub-group. Otherwise each world size gets a fresh group of spawned processes on this machine.
+
+    Args:
+        cfg: the sweep.
+        on_point: called with each row as it is measured (progress).
+
     Returns:
-        One row per world size (``impl = "ours"``, ``mode = "fwd+bwd"``).
+        One row per implementation and world size (the same rows on every rank of a job).
     """
     rows: list[BenchRow] = []
     backend = "nccl" if cfg.device == "cuda" else "gloo"
@@ -235,8 +279,11 @@ def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = 
                        "comm_bytes": comm_bytes(cfg, world) if impl == "ours" else None},
             )
             try:
-                res = run_distributed(_worker, world, cfg, impl, backend=backend, timeout_s=1800,
-                                      collective_timeout_s=600)[0]
+                if cfg.in_job:
+                    res = _in_job(cfg, impl, world)
+                else:
+                    res = run_distributed(_worker, world, cfg, impl, backend=backend, timeout_s=1800,
+                                          collective_timeout_s=600)[0]
             except Exception as e:  # a peer that refuses (or runs out of memory) is a result, not a crash
                 if impl == "ours" and base is None:  # ours failing where it has never run is a bug: surface it
                     raise

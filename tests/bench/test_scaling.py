@@ -2,6 +2,9 @@
 definitions, the Markdown table, the plot, and config validation."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -158,6 +161,23 @@ def test_cli_writes_jsonl_table_and_plot(tmp_path):
     assert res.exit_code != 0 and "cannot use 4 ranks" in res.output
     res = CliRunner().invoke(app, ["scale", "--impl", "fla-cp", "--device", "cpu"])
     assert res.exit_code != 0 and "needs CUDA GPUs" in res.output
+
+
+def test_cli_under_torchrun_uses_the_jobs_ranks(tmp_path):
+    # a real torchrun job of 3 gloo ranks: world sizes 1, 2, 3 run on sub-groups of it, rank 0 alone reports
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m",
+           "pflow_dist.cli", "scale", "--device", "cpu", "--world", "1,2,3", "--tokens", "48", "--heads", "1",
+           "--dim", "8", "--warmup", "0", "--rep", "1", "--out-dir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = read_jsonl(tmp_path / "weak-T48-H1-D8-cpu.jsonl")
+    assert [r["extra"]["world_size"] for r in rows] == [1, 2, 3] and all(r["status"] == "ok" for r in rows)
+    assert rows[0]["extra"]["efficiency"] == pytest.approx(1.0) and rows[2]["extra"]["comm_bytes"] > 0
+    assert res.stdout.count("| ours | 3 | 144 |") == 1  # one table, from rank 0
+    cmd[cmd.index("1,2,3")] = "1,4"  # more ranks than the job has: a clear error on every rank
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert res.returncode != 0 and "the job has 3" in res.stdout + res.stderr
 
 
 def test_gated_forward_sweep_and_error_rows_in_the_table(tmp_path):
