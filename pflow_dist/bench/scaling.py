@@ -2,10 +2,12 @@
 
 Weak scaling keeps the tokens per rank fixed (T = tokens · P, ideal: constant step time); strong scaling keeps the
 sequence fixed (T = tokens, ideal: time ∝ 1/P). Every world size runs in its own group of real processes (gloo on CPU,
-NCCL on GPUs, one GPU per rank); each rank times fwd+bwd (or fwd) of the layer on its shard, and the slowest rank's
-median is the step time. Rows are :class:`~pflow_dist.bench.harness.BenchRow` with ``bench = "scale-weak" |
-"scale-strong"`` and the scaling metrics in ``extra``: ``world_size, tokens, tokens_per_s, tokens_per_s_per_rank,
-efficiency, comm_bytes``.
+NCCL on GPUs, one GPU per rank), or, inside a torchrun job (``in_job``), on a sub-group of the job's first P ranks;
+each rank times fwd+bwd (or fwd) of the op (the flow layer ``sp_flow``, or the diagonal scan ``sp_scan``) on its
+shard, and the slowest rank's median is the step time. :func:`run_sweep` repeats this over sequence lengths and batch
+sizes. Rows are :class:`~pflow_dist.bench.harness.BenchRow` with ``bench = "scale-weak" | "scale-strong"`` and the
+scaling metrics in ``extra``: ``world_size, tokens, batch, tokens_per_s, tokens_per_s_per_rank, efficiency,
+comm_bytes``.
 
 Implementations (``impls``), each swept over the same world sizes and inputs:
 - ``ours``: :func:`pflow_dist.dist.sp_flow` (the delta rule; gated with ``gated=True``);
