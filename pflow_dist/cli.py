@@ -169,7 +169,9 @@ def bench(
 
 @app.command()
 def scale(
-    mode: Annotated[str, typer.Option(help="weak (tokens per rank fixed) or strong (sequence fixed).")] = "weak",
+    mode: Annotated[str, typer.Option(help="weak (tokens per rank fixed), strong (sequence fixed) or longest (the "
+                                           "longest sequence each world size runs, from --tokens up to "
+                                           "--max-tokens).")] = "weak",
     world: Annotated[str, typer.Option(help="Comma-separated world sizes, e.g. 1,2,4.")] = "1,2",
     tokens: Annotated[str, typer.Option(help="Tokens per rank (weak) or in the whole sequence (strong); "
                                               "comma-separated values are swept, e.g. 65536,262144.")] = "4096",
@@ -186,6 +188,7 @@ def scale(
     passes: Annotated[str, typer.Option(help="fwd+bwd or fwd.")] = "fwd+bwd",
     op: Annotated[str, typer.Option(help="flow (sp_flow, the delta rule) or scan (sp_scan, a diagonal scan over "
                                          "heads·dim channels).")] = "flow",
+    max_tokens: Annotated[int, typer.Option(help="--mode longest: the longest sequence tried.")] = 2**27,
     out_dir: Annotated[Path, typer.Option(help="Where the JSONL, PNG and Markdown table go.")] = Path("runs/scale"),
 ) -> None:
     """Weak or strong scaling of a sequence-parallel op (the flow layer or the scan; fwd+bwd) over ranks, swept over
@@ -219,7 +222,8 @@ def scale(
     try:
         cfg = ScaleConfig(mode=mode, world_sizes=sizes, tokens=token_list[0], batch=batch_list[0], heads=heads,
                           dim=dim, dtype=_DTYPES[dtype], device=dev, warmup=warmup, rep=rep,
-                          impls=tuple(impl or ["ours"]), gated=gated, passes=passes, op=op, in_job=in_job)
+                          impls=tuple(impl or ["ours"]), gated=gated, passes=passes, op=op, in_job=in_job,
+                          max_tokens=max_tokens)
         for t in token_list:  # every point is validated before the first process starts
             for b in batch_list:
                 dataclasses.replace(cfg, tokens=t, batch=b)
@@ -228,7 +232,7 @@ def scale(
     lead = not in_job or dist.get_rank() == 0  # the rank that reports
     n_points = len(sizes) * len(cfg.impls) * len(token_list) * len(batch_list)
     with Progress(console=console, transient=True, disable=not lead) as progress:
-        task = progress.add_task(f"{mode} scaling", total=n_points)
+        task = progress.add_task(f"{mode} scaling", total=None if mode == "longest" else n_points)
         rows = run_sweep(cfg, token_list, batch_list, on_point=lambda r: progress.advance(task))
     if in_job:
         dist.destroy_process_group()

@@ -36,7 +36,7 @@ from .harness import BenchRow, command_line, device_name, versions
 
 __all__ = ["ScaleConfig", "comm_bytes", "markdown_table", "plot", "run_scaling", "run_sweep"]
 
-MODES = ("weak", "strong")
+MODES = ("weak", "strong", "longest")
 IMPLS = ("ours", "fla-cp")
 PASSES = ("fwd+bwd", "fwd")
 OPS = ("flow", "scan")
@@ -63,6 +63,7 @@ class ScaleConfig:
     passes: str = "fwd+bwd"
     op: str = "flow"
     in_job: bool = False  # this process is one rank of a running job (torchrun): see run_scaling
+    max_tokens: int = 2**27  # mode "longest": the longest sequence tried
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,7 +92,9 @@ class ScaleConfig:
         elif self.device == "cuda" and max(self.world_sizes) > torch.cuda.device_count():
             raise ValueError(f"world size {max(self.world_sizes)} needs that many GPUs, "
                              f"{torch.cuda.device_count()} visible")
-        if self.mode == "strong" and self.tokens < max(self.world_sizes):
+        if self.mode == "longest" and self.max_tokens < self.tokens:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be at least the first try, tokens ({self.tokens})")
+        if self.mode != "weak" and self.tokens < max(self.world_sizes):
             raise ValueError(f"strong scaling of {self.tokens} tokens cannot use {max(self.world_sizes)} ranks")
         if min(self.tokens, self.batch, self.heads, self.dim, self.warmup + 1, self.rep) < 1:
             raise ValueError(f"tokens, batch, heads, dim and rep must be >= 1 (warmup >= 0), got {self}")
@@ -115,7 +118,7 @@ class ScaleConfig:
             raise ValueError("impl 'fla-cp' needs " + "; ".join(why))
 
     def total_tokens(self, world: int) -> int:
-        return self.tokens * world if self.mode == "weak" else self.tokens
+        return self.tokens * world if self.mode == "weak" else self.tokens  # strong and longest: the whole sequence
 
 
 def comm_bytes(cfg: ScaleConfig, world: int, algorithm: str | None = None) -> int:
@@ -247,12 +250,45 @@ def _in_job(cfg: ScaleConfig, impl: str, world: int) -> dict:
     return outs[0][0]
 
 
+def _measure_point(cfg: ScaleConfig, impl: str, world: int) -> BenchRow:
+    """One (implementation, world size) point of ``cfg`` as a row: timed, or ``status = "error"`` with the reason."""
+    T = cfg.total_tokens(world)
+    if cfg.op == "flow":
+        case, shapes = "", {"q_local": [cfg.batch, T // world, cfg.heads, cfg.dim]}
+    else:
+        case, shapes = f"{cfg.op}-", {"a_local": [cfg.batch, T // world, cfg.heads * cfg.dim]}
+    case += f"P{world}-T{T}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}" + ("-gated" if cfg.gated else "")
+    row = BenchRow(
+        bench=f"scale-{cfg.mode}", case=case, mode=cfg.passes, impl=impl, device="", dtype=cfg.dtype, shapes=shapes,
+        median_ms=None, p20_ms=None, p80_ms=None, n_rep=cfg.rep, peak_mem_bytes=None, versions=versions(),
+        command=command_line(),
+        extra={"world_size": world, "tokens": T, "batch": cfg.batch, "config": asdict(cfg),
+               "comm_bytes": comm_bytes(cfg, world) if impl == "ours" else None},
+    )
+    try:
+        if cfg.in_job:
+            res = _in_job(cfg, impl, world)
+        else:
+            res = run_distributed(_worker, world, cfg, impl, backend="nccl" if cfg.device == "cuda" else "gloo",
+                                  timeout_s=1800, collective_timeout_s=600)[0]
+    except Exception as e:  # a peer that refuses (or runs out of memory) is a result; the callers decide
+        row.status, row.error = "error", f"{type(e).__name__}: {str(e)[-500:]}"
+        row.device = device_name(torch.device(cfg.device))
+        return row
+    tok_s = cfg.batch * T / res["seconds"]
+    row.device, row.median_ms = res["device"], res["seconds"] * 1e3
+    row.peak_mem_bytes = res["peak_mem_bytes"] if res["peak_mem_bytes"] >= 0 else None
+    row.extra.update(tokens_per_s=tok_s, tokens_per_s_per_rank=tok_s / world)
+    return row
+
+
 def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
     """Run the sweep; efficiency is relative to the smallest world size measured.
 
     With ``cfg.in_job`` this process is one rank of a running job (torchrun, possibly over several nodes, the
     default process group initialised): every rank must call this, and each world size P runs on the job's first P
     ranks through a sub-group. Otherwise each world size gets a fresh group of spawned processes on this machine.
+    ``mode="longest"`` goes to :func:`find_longest` (with its default cap).
 
     Args:
         cfg: the sweep.
@@ -260,42 +296,20 @@ def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = 
 
     Returns:
         One row per implementation and world size (the same rows on every rank of a job).
+
+    Raises:
+        RuntimeError: ``ours`` failed at its first world size (a bug rather than a result).
     """
+    if cfg.mode == "longest":
+        return find_longest(cfg, on_point=on_point)
     rows: list[BenchRow] = []
-    backend = "nccl" if cfg.device == "cuda" else "gloo"
-    vers, cmd = versions(), command_line()
     for impl in cfg.impls:
         base: BenchRow | None = None  # efficiency is relative to this implementation's smallest world size
         for world in sorted(cfg.world_sizes):
-            T = cfg.total_tokens(world)
-            if cfg.op == "flow":
-                case, shapes = "", {"q_local": [cfg.batch, T // world, cfg.heads, cfg.dim]}
-            else:
-                case, shapes = f"{cfg.op}-", {"a_local": [cfg.batch, T // world, cfg.heads * cfg.dim]}
-            case += f"P{world}-T{T}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}" + ("-gated" if cfg.gated else "")
-            row = BenchRow(
-                bench=f"scale-{cfg.mode}", case=case, mode=cfg.passes, impl=impl, device="", dtype=cfg.dtype,
-                shapes=shapes, median_ms=None, p20_ms=None, p80_ms=None, n_rep=cfg.rep, peak_mem_bytes=None,
-                versions=vers, command=cmd,
-                extra={"world_size": world, "tokens": T, "batch": cfg.batch, "config": asdict(cfg),
-                       "comm_bytes": comm_bytes(cfg, world) if impl == "ours" else None},
-            )
-            try:
-                if cfg.in_job:
-                    res = _in_job(cfg, impl, world)
-                else:
-                    res = run_distributed(_worker, world, cfg, impl, backend=backend, timeout_s=1800,
-                                          collective_timeout_s=600)[0]
-            except Exception as e:  # a peer that refuses (or runs out of memory) is a result, not a crash
-                if impl == "ours" and base is None:  # ours failing where it has never run is a bug: surface it
-                    raise
-                row.status, row.error = "error", f"{type(e).__name__}: {str(e)[-500:]}"
-                row.device = device_name(torch.device(cfg.device))
-            else:
-                tok_s = cfg.batch * T / res["seconds"]
-                row.device, row.median_ms = res["device"], res["seconds"] * 1e3
-                row.peak_mem_bytes = res["peak_mem_bytes"] if res["peak_mem_bytes"] >= 0 else None
-                row.extra.update(tokens_per_s=tok_s, tokens_per_s_per_rank=tok_s / world)
+            row = _measure_point(cfg, impl, world)
+            if row.status != "ok" and impl == "ours" and base is None:
+                raise RuntimeError(f"ours failed at its first point ({row.case}): {row.error}")
+            if row.status == "ok":
                 base = base or row
                 p0, t0 = base.extra["world_size"], base.median_ms
                 ideal = t0 if cfg.mode == "weak" else t0 * p0 / world
@@ -303,6 +317,72 @@ def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = 
             rows.append(row)
             if on_point is not None:
                 on_point(row)
+    return rows
+
+
+_OOM_MARKERS = ("out of memory", "OutOfMemoryError", "can't allocate memory")
+
+
+def is_out_of_memory(error: str) -> bool:
+    """Whether an error text (a rank's traceback) reports an allocation failure (CUDA or CPU allocator)."""
+    return any(m in error for m in _OOM_MARKERS)
+
+
+def longest_search(start: int, cap: int, granule: int, runs: Callable[[int], bool], refine: int = 3) -> int | None:
+    """The largest sequence length that ``runs``: double from ``start`` (multiples of ``granule``) until a length
+    fails or would pass ``cap``, then ``refine`` bisection steps between the last success and the first failure.
+    Returns None when ``start`` itself fails."""
+    step = lambda t: max(granule, t // granule * granule)  # noqa: E731
+    T, ok, fail = step(start), None, None
+    while True:
+        if runs(T):
+            ok = T
+            if 2 * T > cap:
+                break
+            T = step(2 * T)
+        else:
+            fail = T
+            break
+    if ok is None or fail is None:
+        return ok
+    for _ in range(refine):
+        mid = step((ok + fail) // 2)
+        if mid in (ok, fail):
+            break
+        if runs(mid):
+            ok = mid
+        else:
+            fail = mid
+    return ok
+
+
+def find_longest(cfg: ScaleConfig, refine: int = 3,
+                 on_point: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+    """For each implementation and world size, the longest whole sequence (``cfg.tokens`` is the first try, at most
+    ``cfg.max_tokens``) that one step of the op runs in (:func:`longest_search`; lengths are multiples of
+    ``64 · world``). Every try is a row; the longest that ran has ``extra["longest"] = True``.
+
+    Raises:
+        RuntimeError: a try failed for another reason than running out of memory.
+    """
+    rows: list[BenchRow] = []
+    for impl in cfg.impls:
+        for world in sorted(cfg.world_sizes):
+            tried: dict[int, BenchRow] = {}
+
+            def runs(T: int, impl: str = impl, world: int = world, tried: dict = tried) -> bool:
+                row = _measure_point(replace(cfg, tokens=T, mode="longest"), impl, world)
+                if row.status != "ok" and not is_out_of_memory(row.error or ""):
+                    raise RuntimeError(f"{impl} failed at {row.case} for another reason than memory: {row.error}")
+                tried[T] = row
+                rows.append(row)
+                if on_point is not None:
+                    on_point(row)
+                return row.status == "ok"
+
+            best = longest_search(cfg.tokens, cfg.max_tokens, 64 * world, runs, refine)
+            if best is not None:
+                tried[best].extra["longest"] = True
     return rows
 
 
@@ -327,25 +407,45 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
              "comm bytes/rank |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         e = r.extra
-        head = f"| {r.impl} | {e['world_size']} | {e['tokens']} | {e['batch']} |"
+        tokens = f"**{e['tokens']}** (longest)" if e.get("longest") else e["tokens"]
+        head = f"| {r.impl} | {e['world_size']} | {tokens} | {e['batch']} |"
         if r.status != "ok":
             lines.append(f"{head} {r.status}: {(r.error or '')[:80]} | | | | | |")
             continue
         mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.0f}"
         comm = "-" if e["comm_bytes"] is None else e["comm_bytes"]
+        eff = f"{e['efficiency']:.0%}" if "efficiency" in e else "-"
         lines.append(f"{head} {r.median_ms:.2f} | {e['tokens_per_s']:.3g} | {e['tokens_per_s_per_rank']:.3g} | "
-                     f"{e['efficiency']:.0%} | {mem} | {comm} |")
+                     f"{eff} | {mem} | {comm} |")
     return "\n".join(lines)
 
 
 def plot(rows: Sequence[BenchRow], path: str | Path) -> Path:
-    """Two panels: tokens/s against ranks (with the ideal line) and efficiency; written as PNG."""
+    """Two panels: tokens/s against ranks (with the ideal line) and efficiency; for ``mode="longest"`` one panel of
+    the sequence lengths tried per world size (the longest that ran joined by a line). Written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mode = rows[0].bench.removeprefix("scale-")
+    if mode == "longest":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl in dict.fromkeys(r.impl for r in rows):
+            mine = [r for r in rows if r.impl == impl]
+            for ok, marker in ((True, "o"), (False, "x")):
+                pts = [(r.extra["world_size"], r.extra["tokens"]) for r in mine if (r.status == "ok") == ok]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), marker=marker, label=f"{impl} {'ran' if ok else 'failed'}")
+            best = sorted((r.extra["world_size"], r.extra["tokens"]) for r in mine if r.extra.get("longest"))
+            if best:
+                ax.plot(*zip(*best, strict=True), "-", alpha=0.6, label=f"{impl} longest")
+        ax.set(xscale="log", yscale="log", xlabel="ranks", ylabel="sequence length (tokens)",
+               title=f"longest sequence, {rows[0].device}")
+        ranks = sorted({r.extra["world_size"] for r in rows})
+        ax.set_xticks(ranks, [str(p) for p in ranks])
+        ax.legend(fontsize="small")
+        return save_figure(fig, path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     P: list[int] = []
     # one line per implementation and sweep point; tokens and batch in the label only when the sweep varies them

@@ -10,7 +10,17 @@ import pytest
 from typer.testing import CliRunner
 
 from pflow_dist.bench.harness import read_jsonl
-from pflow_dist.bench.scaling import ScaleConfig, comm_bytes, markdown_table, plot, run_scaling, run_sweep
+from pflow_dist.bench.scaling import (
+    ScaleConfig,
+    comm_bytes,
+    find_longest,
+    is_out_of_memory,
+    longest_search,
+    markdown_table,
+    plot,
+    run_scaling,
+    run_sweep,
+)
 from pflow_dist.cli import app
 from pflow_dist.testing.distributed import run_distributed
 
@@ -106,6 +116,45 @@ def test_scan_sweep(tmp_path):
     assert all(r.status == "ok" for r in rows) and rows[1].shapes == {"a_local": [1, 64, 16]}
     assert rows[1].extra["comm_bytes"] == comm_bytes(cfg, 2) == 2 * (2 * 16 * 4)  # one (M, D) message fwd, one bwd
     assert plot(rows, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_longest_search_doubles_then_bisects():
+    tried = []
+
+    def runs(T):  # fits up to 300 tokens
+        tried.append(T)
+        return T <= 300
+
+    assert longest_search(64, 10_000, 16, runs) == 288
+    assert tried == [64, 128, 256, 512, 384, 320, 288]  # doubling, then 3 bisection steps on multiples of 16
+    tried.clear()
+    assert longest_search(64, 200, 16, runs) == 128 and tried == [64, 128]  # the cap stops the doubling
+    assert longest_search(400, 10_000, 16, runs) is None  # the first try already fails
+    assert longest_search(70, 10_000, 64, lambda T: T <= 1000, refine=10) == 960  # lengths stay multiples of 64
+
+
+def test_out_of_memory_is_told_apart_from_other_failures():
+    import torch
+
+    with pytest.raises(RuntimeError) as cpu_oom:  # the CPU allocator's real refusal (nothing is allocated)
+        torch.empty(2**62, dtype=torch.uint8)
+    assert is_out_of_memory(f"RuntimeError: {cpu_oom.value}")
+    assert is_out_of_memory("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not is_out_of_memory("ValueError: k must have 4 or 5 dimensions")
+
+
+def test_find_longest_rows_table_and_plot(tmp_path):
+    cfg = ScaleConfig(mode="longest", world_sizes=(1, 2), tokens=128, max_tokens=512, heads=1, dim=8, warmup=0,
+                      rep=1)
+    rows = find_longest(cfg)
+    assert [(r.extra["world_size"], r.extra["tokens"]) for r in rows] == [(1, 128), (1, 256), (1, 512), (2, 128),
+                                                                          (2, 256), (2, 512)]
+    assert all(r.status == "ok" and r.bench == "scale-longest" for r in rows)
+    assert [r.extra.get("longest", False) for r in rows] == [False, False, True] * 2
+    assert "| ours | 2 | **512** (longest) | 1 |" in markdown_table(rows)
+    assert plot(rows, tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="max_tokens"):
+        ScaleConfig(mode="longest", tokens=1024, max_tokens=512)
 
 
 def test_comm_bytes_grow_with_ranks():
