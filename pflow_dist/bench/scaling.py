@@ -288,7 +288,7 @@ def run_scaling(cfg: ScaleConfig, on_point: Callable[[BenchRow], None] | None = 
     With ``cfg.in_job`` this process is one rank of a running job (torchrun, possibly over several nodes, the
     default process group initialised): every rank must call this, and each world size P runs on the job's first P
     ranks through a sub-group. Otherwise each world size gets a fresh group of spawned processes on this machine.
-    ``mode="longest"`` goes to :func:`find_longest` (with its default cap).
+    ``mode="longest"`` goes to :func:`find_longest` (up to ``cfg.max_tokens``).
 
     Args:
         cfg: the sweep.
