@@ -198,7 +198,6 @@ def scale(
     NCCL). Run under torchrun (``torchrun --nnodes N --nproc-per-node G -m pflow_dist.cli scale ...``), the job's
     ranks (any number of nodes) are used: world size P runs on the first P ranks, rank 0 writes the results.
     """
-    import dataclasses
     import os
     from datetime import timedelta
 
@@ -207,7 +206,7 @@ def scale(
     from rich.progress import Progress
 
     from .bench.harness import write_jsonl
-    from .bench.scaling import ScaleConfig, markdown_table, plot, run_sweep
+    from .bench.scaling import ScaleConfig, markdown_table, plot, run_sweep, sweep_configs
 
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
@@ -224,9 +223,7 @@ def scale(
                           dim=dim, dtype=_DTYPES[dtype], device=dev, warmup=warmup, rep=rep,
                           impls=tuple(impl or ["ours"]), gated=gated, passes=passes, op=op, in_job=in_job,
                           max_tokens=max_tokens)
-        for t in token_list:  # every point is validated before the first process starts
-            for b in batch_list:
-                dataclasses.replace(cfg, tokens=t, batch=b)
+        sweep_configs(cfg, token_list, batch_list)  # every point is validated before the first process starts
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     lead = not in_job or dist.get_rank() == 0  # the rank that reports

@@ -22,6 +22,7 @@ from .plotting import save_figure
 
 __all__ = ["check_deer_train_args", "run_deer_train"]
 
+
 def check_deer_train_args(method: str, device: str) -> str:
     """Reject a Newton variant or device ``run_deer_train`` cannot use (ValueError); return the device resolved
     (``"auto"`` → ``"cuda"`` when a CUDA device is visible, else ``"cpu"``)."""

@@ -34,7 +34,8 @@ from ..plotting import save_figure
 from ..testing.distributed import run_distributed
 from .harness import BenchRow, command_line, device_name, versions
 
-__all__ = ["ScaleConfig", "comm_bytes", "markdown_table", "plot", "run_scaling", "run_sweep"]
+__all__ = ["ScaleConfig", "comm_bytes", "find_longest", "is_out_of_memory", "longest_search", "markdown_table", "plot",
+           "run_scaling", "run_sweep", "sweep_configs"]
 
 MODES = ("weak", "strong", "longest")
 IMPLS = ("ours", "fla-cp")
@@ -130,6 +131,9 @@ def comm_bytes(cfg: ScaleConfig, world: int, algorithm: str | None = None) -> in
     gloo (in round d = 1, 2, 4, ... rank v sends one map to v + d and receives one from v − d, where those exist);
     ``algorithm`` ("allgather" / "doubling") overrides that choice. ``passes="fwd"`` halves it.
     """
+    if world < 1 or algorithm not in (None, "allgather", "doubling"):
+        raise ValueError(f"world must be >= 1 and algorithm None, 'allgather' or 'doubling', got {world}, "
+                         f"{algorithm!r}")
     if cfg.op == "flow":
         m = cfg.batch * cfg.heads * (cfg.dim * cfg.dim + cfg.dim * cfg.dim) * 4  # one rank's (M, D), K = V = dim
     else:
@@ -332,6 +336,9 @@ def longest_search(start: int, cap: int, granule: int, runs: Callable[[int], boo
     """The largest sequence length that ``runs``: double from ``start`` (multiples of ``granule``) until a length
     fails or would pass ``cap``, then ``refine`` bisection steps between the last success and the first failure.
     Returns None when ``start`` itself fails."""
+    if min(start, cap, granule) < 1 or refine < 0:
+        raise ValueError(f"start, cap and granule must be >= 1 and refine >= 0, got {start}, {cap}, {granule}, "
+                         f"{refine}")
     step = lambda t: max(granule, t // granule * granule)  # noqa: E731
     T, ok, fail = step(start), None, None
     while True:
@@ -386,18 +393,22 @@ def find_longest(cfg: ScaleConfig, refine: int = 3,
     return rows
 
 
-def run_sweep(base: ScaleConfig, tokens: Sequence[int], batches: Sequence[int],
-              on_point: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
-    """:func:`run_scaling` for every (tokens, batch) pair, ``base`` giving everything else; each pair's efficiency is
-    relative to its own smallest world size.
+def sweep_configs(base: ScaleConfig, tokens: Sequence[int], batches: Sequence[int]) -> list[ScaleConfig]:
+    """One config per (tokens, batch) pair, ``base`` giving everything else, each validated.
 
     Raises:
-        ValueError: an empty list, or a pair that makes an invalid :class:`ScaleConfig` (checked before any run).
+        ValueError: an empty list, or a pair that makes an invalid :class:`ScaleConfig`.
     """
     if not tokens or not batches:
         raise ValueError(f"tokens and batches must be non-empty, got {list(tokens)} and {list(batches)}")
-    cfgs = [replace(base, tokens=t, batch=b) for t in tokens for b in batches]
-    return [row for cfg in cfgs for row in run_scaling(cfg, on_point)]
+    return [replace(base, tokens=t, batch=b) for t in tokens for b in batches]
+
+
+def run_sweep(base: ScaleConfig, tokens: Sequence[int], batches: Sequence[int],
+              on_point: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+    """:func:`run_scaling` for every (tokens, batch) pair (:func:`sweep_configs`, all validated before any run); each
+    pair's efficiency is relative to its own smallest world size."""
+    return [row for cfg in sweep_configs(base, tokens, batches) for row in run_scaling(cfg, on_point)]
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:

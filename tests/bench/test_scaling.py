@@ -131,6 +131,8 @@ def test_longest_search_doubles_then_bisects():
     assert longest_search(64, 200, 16, runs) == 128 and tried == [64, 128]  # the cap stops the doubling
     assert longest_search(400, 10_000, 16, runs) is None  # the first try already fails
     assert longest_search(70, 10_000, 64, lambda T: T <= 1000, refine=10) == 960  # lengths stay multiples of 64
+    with pytest.raises(ValueError, match="granule must be >= 1"):
+        longest_search(64, 1000, 0, runs)
 
 
 def test_out_of_memory_is_told_apart_from_other_failures():
@@ -166,6 +168,10 @@ def test_comm_bytes_grow_with_ranks():
     assert comm_bytes(cfg, 4, "allgather") == 2 * 2 * 3 * m  # fwd + bwd, each 3 maps out and 3 in
     assert comm_bytes(cfg, 8, "doubling") == 2 * 5 * m  # the busiest rank: 3 rounds, 5 messages
     assert 2 * comm_bytes(dataclasses.replace(cfg, passes="fwd"), 3) == comm_bytes(cfg, 3)
+    with pytest.raises(ValueError, match="algorithm None, 'allgather' or 'doubling'"):
+        comm_bytes(cfg, 2, "ring")
+    with pytest.raises(ValueError, match="world must be >= 1"):
+        comm_bytes(cfg, 0)
 
 
 @pytest.mark.parametrize("kwargs, match", [
