@@ -46,6 +46,19 @@ def configs(B: int, N: int) -> Iterator[dict]:
     yield dict(algorithm="auto")
 
 
+def wide_configs(B: int, N: int) -> Iterator[dict]:
+    """Look-back over wide rows (64-256 channels: a tile is then a few KiB-long contiguous runs of memory instead of
+    128-byte stripes, and the scan along time stays inside each thread), against the current default and ``auto``."""
+    for bn, elems, warps, window in itertools.product((64, 128, 256), (4096, 8192), (2, 4, 8), (2, 16)):
+        if bn <= N:
+            yield dict(algorithm="lookback", block_n=bn, block_t=elems // bn, num_warps=warps, window=window)
+    yield dict(algorithm="lookback")
+    yield dict(algorithm="auto")
+
+
+GRIDS = {"full": configs, "wide": wide_configs}
+
+
 def sweep(cases: Sequence[tuple[int, int, int]], device: torch.device, warmup: int = 3, rep: int = 20,
           grid: Callable[[int, int], Iterable[dict]] = configs) -> Iterator[dict]:
     """Yield one result row per (case, configuration in ``grid(B, N)``); a configuration that fails gets an
@@ -85,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", type=_case, action="append", help="B,T,N (repeatable; default: 2^28 elements "
                         "at T = 2^16 ... 2^24)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="full",
+                        help="full: every algorithm over 8-32-channel rows; wide: look-back over 64-256-channel rows")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rep", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("scan_sweep.jsonl"))
@@ -92,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     with args.out.open("w") as f:
-        for row in sweep(args.case or DEFAULT_CASES, device, args.warmup, args.rep):
+        for row in sweep(args.case or DEFAULT_CASES, device, args.warmup, args.rep, GRIDS[args.grid]):
             f.write(json.dumps(row) + "\n")
             f.flush()
             cfg = {k: v for k, v in row.items() if k in ("algorithm", "block_n", "block_t", "num_warps", "segment",
-                                                         "num_stages")}
+                                                         "num_stages", "window")}
             result = row.get("error") or (f"{row['ms']:.3f} ms" + (f", {100 * row['frac']:.1f}% of copy"
                                                                   if "frac" in row else "") + f", err {row['err']:.1e}")
             print(f"[{time.perf_counter() - t0:6.1f} s] {row['case']} {cfg}: {result}", flush=True)

@@ -26,3 +26,13 @@ def test_default_grid_and_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         scan_sweep.main(["--case", "1,2"])
     assert "a case is B,T,N" in capsys.readouterr().err
+
+
+def test_wide_grid_runs_wide_rows_and_checks_them():
+    grid = list(scan_sweep.wide_configs(1, 64))
+    assert {c["block_n"] for c in grid if "block_n" in c} == {64}  # rows never wider than the channels
+    assert {c["window"] for c in grid if "window" in c} == {2, 16}
+    wide = [c for c in grid if c.get("block_n") == 64 and c["num_warps"] == 2 and c["block_t"] == 64]
+    # 3 tiles of 64 steps x 64 channels (the last one partial): the look-back over 64-channel state words
+    rows = list(scan_sweep.sweep([(1, 150, 64)], torch.device("cpu"), warmup=0, rep=1, grid=lambda B, N: wide))
+    assert len(rows) == 2 and all(r["err"] < 1e-6 and "error" not in r for r in rows)
