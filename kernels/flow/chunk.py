@@ -29,6 +29,7 @@ _CFG = {
     "nw_wy": 2, "nw_state": 4, "nw_out": 4, "nw_dvl": 8, "nw_sbwd": 4, "nw_grads": 8,
     "ns_wy": 3, "ns_state": 3, "ns_out": 3, "ns_dvl": 3, "ns_sbwd": 3, "ns_grads": 3,
 }
+KERNEL_NAMES = tuple(k[3:] for k in _CFG if k.startswith("nw_"))  # the kernels with their own launch knobs
 # Defaults: the best per kernel of a sweep on H200 at B4 T8192 H16 D128 bf16 (python -m pflow_dist.bench.flow sweep,
 # benchmarks/results/flow_sweep_h200.jsonl; the earlier H100 sweep is flow_sweep_h100.jsonl): the reverse state pass
 # with the local dVn fused took 291 µs on 4 warps against 148 + 509 µs for the two kernels; the WY kernel 389 µs on

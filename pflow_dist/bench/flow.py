@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..kernels.flow.chunk import KERNEL_NAMES
 from ..kernels.flow.naive import naive_chunk_flow
 from .registry import Bench, Case, Impl
 
@@ -136,8 +137,9 @@ def _torch_unavailable(device: torch.device) -> str | None:
 
 
 def _reference(inp, rank_form: str = "product") -> torch.Tensor:
-    return naive_chunk_flow(inp["q"], inp["k"], inp["v"], inp["beta"], g=inp.get("g"), rank_form=rank_form,
-                            chunk_size=64)[0]
+    """The float64 output, unrounded (the reference returns o in the inputs' dtype)."""
+    d = lambda name: None if inp.get(name) is None else inp[name].double()  # noqa: E731
+    return naive_chunk_flow(d("q"), d("k"), d("v"), d("beta"), g=d("g"), rank_form=rank_form, chunk_size=64)[0]
 
 
 BENCH = Bench(
@@ -238,11 +240,11 @@ def check(B=4, T=8192, H=16, D=128, dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
-_KERNELS = ("wy", "state", "out", "dvl", "sbwd", "grads")
 # every kernel gets the same (num_warps, num_stages) in one config; a kernel's time depends only on its own knobs (and
 # bvs for the two state passes), so the best value per kernel can be read off the grid independently.
 # fuse_dvl=1 folds the dvlocal kernel into the reverse state pass: its time is reported as "...state_bwd+dvlocal".
-SWEEP = [f"bk=64,bv=64,bvs={bvs},fuse_dvl={fuse}," + ",".join(f"nw_{n}={nw},ns_{n}={ns}" for n in _KERNELS)
+SWEEP = [f"bk=64,bv=64,bvs={bvs},fuse_dvl={fuse},"
+         + ",".join(f"nw_{n}={nw},ns_{n}={ns}" for n in KERNEL_NAMES)
          for fuse, bvs in ((0, 64), (0, 32), (1, 64)) for nw in (2, 4, 8) for ns in (1, 2, 3, 4)]
 
 
