@@ -176,8 +176,8 @@ def scale(
     tokens: Annotated[str, typer.Option(help="Tokens per rank (weak) or in the whole sequence (strong); "
                                               "comma-separated values are swept, e.g. 65536,262144.")] = "4096",
     batch: Annotated[str, typer.Option(help="Batch size B; comma-separated values are swept.")] = "1",
-    heads: Annotated[int, typer.Option(help="Heads H.")] = 2,
-    dim: Annotated[int, typer.Option(help="Head dimension K = V.")] = 32,
+    heads: Annotated[int | None, typer.Option(help="Heads H (default 2; deer: 1).")] = None,
+    dim: Annotated[int, typer.Option(help="Head dimension K = V (deer: the GRU's inputs and hidden units).")] = 32,
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str | None, typer.Option(help="cpu (gloo processes) or cuda (one GPU per rank, NCCL).")] = None,
     warmup: Annotated[int, typer.Option(min=0)] = 1,
@@ -186,13 +186,14 @@ def scale(
                                                          "bf16, --gated, B=1), repeatable.")] = None,
     gated: Annotated[bool, typer.Option("--gated", help="The gated delta rule (per-token log-decay).")] = False,
     passes: Annotated[str, typer.Option(help="fwd+bwd or fwd.")] = "fwd+bwd",
-    op: Annotated[str, typer.Option(help="flow (sp_flow, the delta rule) or scan (sp_scan, a diagonal scan over "
-                                         "heads·dim channels).")] = "flow",
+    op: Annotated[str, typer.Option(help="flow (sp_flow, the delta rule), scan (sp_scan, a diagonal scan over "
+                                         "heads·dim channels) or deer (sp_deer, a quasi-Newton DEER-GRU; fp32/fp64)."
+                                    )] = "flow",
     max_tokens: Annotated[int, typer.Option(help="--mode longest: the longest sequence tried.")] = 2**27,
     out_dir: Annotated[Path, typer.Option(help="Where the JSONL, PNG and Markdown table go.")] = Path("runs/scale"),
 ) -> None:
-    """Weak or strong scaling of a sequence-parallel op (the flow layer or the scan; fwd+bwd) over ranks, swept over
-    sequence lengths and batch sizes: JSONL, plot, table.
+    """Weak or strong scaling of a sequence-parallel op (the flow layer, the scan or DEER; fwd+bwd) over ranks,
+    swept over sequence lengths and batch sizes: JSONL, plot, table.
 
     Run plainly, each world size gets its own group of processes on this machine (gloo on CPU, one GPU per rank with
     NCCL). Run under torchrun (``torchrun --nnodes N --nproc-per-node G -m pflow_dist.cli scale ...``), the job's
@@ -213,6 +214,7 @@ def scale(
     sizes, token_list, batch_list = (_int_list(v, name) for v, name in
                                      ((world, "--world"), (tokens, "--tokens"), (batch, "--batch")))
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    heads = heads or (1 if op == "deer" else 2)
     in_job = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     if in_job and not dist.is_initialized():
         if dev == "cuda":

@@ -3,11 +3,11 @@
 Weak scaling keeps the tokens per rank fixed (T = tokens · P, ideal: constant step time); strong scaling keeps the
 sequence fixed (T = tokens, ideal: time ∝ 1/P). Every world size runs in its own group of real processes (gloo on CPU,
 NCCL on GPUs, one GPU per rank), or, inside a torchrun job (``in_job``), on a sub-group of the job's first P ranks;
-each rank times fwd+bwd (or fwd) of the op (the flow layer ``sp_flow``, or the diagonal scan ``sp_scan``) on its
-shard, and the slowest rank's median is the step time. :func:`run_sweep` repeats this over sequence lengths and batch
-sizes. Rows are :class:`~pflow_dist.bench.harness.BenchRow` with ``bench = "scale-weak" | "scale-strong"`` and the
-scaling metrics in ``extra``: ``world_size, tokens, batch, tokens_per_s, tokens_per_s_per_rank, efficiency,
-comm_bytes``.
+each rank times fwd+bwd (or fwd) of the op (the flow layer ``sp_flow``, the diagonal scan ``sp_scan``, or the DEER-GRU
+``sp_deer``) on its shard, and the slowest rank's median is the step time. :func:`run_sweep` repeats this over
+sequence lengths and batch sizes. Rows are :class:`~pflow_dist.bench.harness.BenchRow` with ``bench = "scale-weak" |
+"scale-strong"`` and the scaling metrics in ``extra``: ``world_size, tokens, batch, tokens_per_s,
+tokens_per_s_per_rank, efficiency, comm_bytes`` (and ``iterations``, the Newton iterations of the DEER forward).
 
 Implementations (``impls``), each swept over the same world sizes and inputs:
 - ``ours``: :func:`pflow_dist.dist.sp_flow` (the delta rule; gated with ``gated=True``);
@@ -40,7 +40,10 @@ __all__ = ["ScaleConfig", "comm_bytes", "find_longest", "is_out_of_memory", "lon
 MODES = ("weak", "strong", "longest")
 IMPLS = ("ours", "fla-cp")
 PASSES = ("fwd+bwd", "fwd")
-OPS = ("flow", "scan")
+OPS = ("flow", "scan", "deer")
+DEER_METHOD = "quasi"  # the DEER solver the scaling runs use (the fastest on one GPU: pflow_dist.bench.deer)
+_DEER_SETUP_WORDS = 15  # float64 words per rank that sp_deer's input check all-gathers (pflow_dist/dist/sp_deer.py)
+_DEER_AGREE_WORDS = 3  # float64 words per rank of its per-iteration convergence agreement
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,12 @@ class ScaleConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
-        if self.op == "scan" and (self.gated or self.impls != ("ours",)):
-            raise ValueError("op 'scan' (sp_scan, diagonal, heads·dim channels) takes neither gated=True nor a peer "
-                             f"implementation, got gated={self.gated}, impls={self.impls}")
+        if self.op != "flow" and (self.gated or self.impls != ("ours",)):
+            raise ValueError(f"op {self.op!r} takes neither gated=True nor a peer implementation, got "
+                             f"gated={self.gated}, impls={self.impls}")
+        if self.op == "deer" and (self.heads != 1 or self.dtype not in ("float32", "float64")):
+            raise ValueError("op 'deer' (sp_deer, a GRU with dim inputs and dim hidden units) takes heads=1 and "
+                             f"float32/float64, got heads={self.heads}, dtype={self.dtype}")
         if not self.impls or any(i not in IMPLS for i in self.impls):
             raise ValueError(f"impls must be a non-empty subset of {IMPLS}, got {self.impls}")
         if self.passes not in PASSES:
@@ -122,34 +128,60 @@ class ScaleConfig:
         return self.tokens * world if self.mode == "weak" else self.tokens  # strong and longest: the whole sequence
 
 
-def comm_bytes(cfg: ScaleConfig, world: int, algorithm: str | None = None) -> int:
-    """Bytes the busiest rank sends + receives in one step of ``sp_flow`` / ``sp_scan`` (no initial state).
+def comm_bytes(cfg: ScaleConfig, world: int, algorithm: str | None = None, iterations: int | None = None) -> int:
+    """Bytes the busiest rank sends + receives in one step of ``sp_flow`` / ``sp_scan`` / ``sp_deer`` (no initial
+    state).
 
     Forward, the combine of the shards' maps (flow: M [B, H, K, K] and D [B, H, K, V]; diagonal scan: M and D
     [B, N]; fp32); backward, the same combine of (Mᵀ, ∂L/∂S_in) (:func:`pflow_dist.dist.incoming_state`). Its
     ``auto`` algorithm is a ring all-gather on NCCL (each rank sends and receives P−1 maps) and recursive doubling on
     gloo (in round d = 1, 2, 4, ... rank v sends one map to v + d and receives one from v − d, where those exist);
     ``algorithm`` ("allgather" / "doubling") overrides that choice. ``passes="fwd"`` halves it.
+
+    DEER (``op="deer"``, quasi-Newton, n = dim, in the config's dtype) combines per Newton iteration the diagonal
+    (M, D) [B, n] of its linearisation and all-gathers the convergence check (3 words per rank), after one
+    all-gather of the input check (15 words per rank); its backward combines (Mᵀ [B, n, n], ∂L/∂h_in [B, n]) once.
+    ``iterations`` (the forward's Newton iterations, known after the run) is then required.
     """
     if world < 1 or algorithm not in (None, "allgather", "doubling"):
         raise ValueError(f"world must be >= 1 and algorithm None, 'allgather' or 'doubling', got {world}, "
                          f"{algorithm!r}")
-    if cfg.op == "flow":
-        m = cfg.batch * cfg.heads * (cfg.dim * cfg.dim + cfg.dim * cfg.dim) * 4  # one rank's (M, D), K = V = dim
-    else:
-        m = cfg.batch * 2 * cfg.heads * cfg.dim * 4  # diagonal M and D over N = heads · dim channels
     if (algorithm or ("allgather" if cfg.device == "cuda" else "doubling")) == "allgather":
         messages = 2 * (world - 1)
     else:
         rounds = [2**i for i in range(math.ceil(math.log2(world)))] if world > 1 else []
         messages = max(sum((v + d < world) + (v - d >= 0) for d in rounds) for v in range(world))
+    if cfg.op == "deer":
+        if iterations is None or iterations < 1:
+            raise ValueError(f"op 'deer' needs the forward's Newton iterations (>= 1), got {iterations}")
+        word, n, gathered = (8 if cfg.dtype == "float64" else 4), cfg.dim, 2 * (world - 1)  # all_gather: P-1 out, in
+        fwd = gathered * _DEER_SETUP_WORDS * 8 + iterations * (messages * 2 * cfg.batch * n * word
+                                                                + gathered * _DEER_AGREE_WORDS * 8)
+        return fwd + (0 if cfg.passes == "fwd" else messages * cfg.batch * (n * n + n) * word)
+    if cfg.op == "flow":
+        m = cfg.batch * cfg.heads * (cfg.dim * cfg.dim + cfg.dim * cfg.dim) * 4  # one rank's (M, D), K = V = dim
+    else:
+        m = cfg.batch * 2 * cfg.heads * cfg.dim * 4  # diagonal M and D over N = heads · dim channels
     return messages * m * (1 if cfg.passes == "fwd" else 2)
 
 
-def _layer(cfg: ScaleConfig, impl: str, world: int, device: torch.device,
-           group: dist.ProcessGroup) -> Callable[..., torch.Tensor]:
+def _layer(cfg: ScaleConfig, impl: str, world: int, device: torch.device, group: dist.ProcessGroup,
+           iterations: list[int]) -> Callable[..., torch.Tensor]:
     """``f(*leaves, g) -> output`` on this rank's shard for ``impl`` (imported in the child process): the flow layer
-    ``(q, k, v, beta, g)`` or the diagonal scan ``(a, b, None)``."""
+    ``(q, k, v, beta, g)``, the diagonal scan ``(a, b, None)`` or the DEER-GRU ``(x, None)`` (its Newton iterations
+    appended to ``iterations``)."""
+    if cfg.op == "deer":
+        from ..dist import sp_deer  # noqa: PLC0415
+
+        torch.manual_seed(0)  # the same weights on every rank
+        gru = torch.nn.GRU(cfg.dim, cfg.dim, batch_first=True).to(device=device, dtype=getattr(torch, cfg.dtype))
+
+        def deer(x, _):
+            h, _, info = sp_deer(gru, x, method=DEER_METHOD, group=group, backend=cfg.backend)
+            iterations.append(info.iterations)
+            return h
+
+        return deer
     if cfg.op == "scan":
         from ..dist import sp_scan  # noqa: PLC0415
 
@@ -193,6 +225,9 @@ def _measure(rank: int, world: int, cfg: ScaleConfig, impl: str, group: dist.Pro
         a = (0.5 + 0.5 * torch.rand(B, T_local, H * D, generator=gen)).to(device=device, dtype=dtype)
         leaves = [a.requires_grad_(True), mk(B, T_local, H * D).requires_grad_(True)]
         do = mk(B, T_local, H * D)
+    elif cfg.op == "deer":
+        leaves = [mk(B, T_local, D).requires_grad_(True)]
+        do = mk(B, T_local, D)
     else:
         q, v = mk(B, T_local, H, D), mk(B, T_local, H, D)
         k = F.normalize(mk(B, T_local, H, D).float(), dim=-1).to(dtype)
@@ -201,7 +236,8 @@ def _measure(rank: int, world: int, cfg: ScaleConfig, impl: str, group: dist.Pro
             g = F.logsigmoid(torch.randn(B, T_local, H, generator=gen) + 4).to(device)  # fp32, ≤ 0
         leaves = [x.requires_grad_(True) for x in (q, k, v, beta)]
         do = mk(B, T_local, H, D)
-    layer = _layer(cfg, impl, world, device, group)
+    iterations: list[int] = []
+    layer = _layer(cfg, impl, world, device, group, iterations)
 
     def step() -> None:
         if cfg.passes == "fwd":
@@ -229,7 +265,8 @@ def _measure(rank: int, world: int, cfg: ScaleConfig, impl: str, group: dist.Pro
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1
     stats = torch.tensor([statistics.median(times), float(peak)], dtype=torch.float64, device=device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
-    return {"seconds": stats[0].item(), "peak_mem_bytes": int(stats[1].item()), "device": device_name(device)}
+    return {"seconds": stats[0].item(), "peak_mem_bytes": int(stats[1].item()), "device": device_name(device),
+            "iterations": iterations[-1] if iterations else None}
 
 
 def _in_job(cfg: ScaleConfig, impl: str, world: int) -> dict:
@@ -259,6 +296,8 @@ def _measure_point(cfg: ScaleConfig, impl: str, world: int) -> BenchRow:
     T = cfg.total_tokens(world)
     if cfg.op == "flow":
         case, shapes = "", {"q_local": [cfg.batch, T // world, cfg.heads, cfg.dim]}
+    elif cfg.op == "deer":
+        case, shapes = "deer-", {"x_local": [cfg.batch, T // world, cfg.dim]}
     else:
         case, shapes = f"{cfg.op}-", {"a_local": [cfg.batch, T // world, cfg.heads * cfg.dim]}
     case += f"P{world}-T{T}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}" + ("-gated" if cfg.gated else "")
@@ -267,7 +306,7 @@ def _measure_point(cfg: ScaleConfig, impl: str, world: int) -> BenchRow:
         median_ms=None, p20_ms=None, p80_ms=None, n_rep=cfg.rep, peak_mem_bytes=None, versions=versions(),
         command=command_line(),
         extra={"world_size": world, "tokens": T, "batch": cfg.batch, "config": asdict(cfg),
-               "comm_bytes": comm_bytes(cfg, world) if impl == "ours" else None},
+               "comm_bytes": comm_bytes(cfg, world) if impl == "ours" and cfg.op != "deer" else None},
     )
     try:
         if cfg.in_job:
@@ -283,6 +322,8 @@ def _measure_point(cfg: ScaleConfig, impl: str, world: int) -> BenchRow:
     row.device, row.median_ms = res["device"], res["seconds"] * 1e3
     row.peak_mem_bytes = res["peak_mem_bytes"] if res["peak_mem_bytes"] >= 0 else None
     row.extra.update(tokens_per_s=tok_s, tokens_per_s_per_rank=tok_s / world)
+    if cfg.op == "deer":
+        row.extra.update(iterations=res["iterations"], comm_bytes=comm_bytes(cfg, world, iterations=res["iterations"]))
     return row
 
 

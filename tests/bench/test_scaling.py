@@ -65,12 +65,13 @@ def test_sweep_over_sequence_lengths_and_batches(tmp_path):
         run_sweep(base, tokens=[64, 1], batches=[1])
 
 
-def _count_comm_bytes(rank: int, world: int, cfg: ScaleConfig) -> int:
-    """Bytes this rank sends + receives in one sp_flow / sp_scan fwd+bwd, counted at the torch.distributed calls."""
+def _count_comm_bytes(rank: int, world: int, cfg: ScaleConfig) -> tuple[int, int | None]:
+    """Bytes this rank sends + receives in one sp_flow / sp_scan / sp_deer fwd+bwd, counted at the torch.distributed
+    calls (and DEER's Newton iterations)."""
     import torch
     import torch.distributed as dist
 
-    from pflow_dist.dist import sp_flow, sp_scan
+    from pflow_dist.dist import sp_deer, sp_flow, sp_scan
 
     count = [0]
     real_all_gather, real_batch = dist.all_gather, dist.batch_isend_irecv
@@ -86,7 +87,14 @@ def _count_comm_bytes(rank: int, world: int, cfg: ScaleConfig) -> int:
     dist.all_gather, dist.batch_isend_irecv = all_gather, batch_isend_irecv
     B, T, H, D = cfg.batch, 16, cfg.heads, cfg.dim
     gen = torch.Generator().manual_seed(rank)
-    if cfg.op == "scan":
+    iterations = None
+    if cfg.op == "deer":
+        torch.manual_seed(0)
+        gru = torch.nn.GRU(D, D, batch_first=True)
+        leaves = [torch.randn(B, T, D, generator=gen, requires_grad=True)]
+        o, _, info = sp_deer(gru, leaves[0], method="quasi", group=None)
+        iterations = info.iterations
+    elif cfg.op == "scan":
         leaves = [torch.rand(B, T, H * D, generator=gen, requires_grad=True),
                   torch.randn(B, T, H * D, generator=gen, requires_grad=True)]
         o = sp_scan(*leaves, group=None)[0]
@@ -96,16 +104,17 @@ def _count_comm_bytes(rank: int, world: int, cfg: ScaleConfig) -> int:
         q, k, v, beta = leaves
         o = sp_flow(q, torch.nn.functional.normalize(k, dim=-1), v, beta, group=None, chunk_size=16)[0]
     torch.autograd.grad(o, leaves, torch.ones_like(o))
-    return count[0]
+    return count[0], iterations
 
 
-@pytest.mark.parametrize("op", ["flow", "scan"])
+@pytest.mark.parametrize("op", ["flow", "scan", "deer"])
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_comm_bytes_match_the_collectives(world, op):
     # the reported bytes are those the busiest rank moves through the real collectives (gloo: doubling)
-    cfg = ScaleConfig(heads=2, dim=8, batch=2, op=op)
+    cfg = ScaleConfig(heads=1 if op == "deer" else 2, dim=8, batch=2, op=op)
     counted = run_distributed(_count_comm_bytes, world, cfg)
-    assert max(counted) == comm_bytes(cfg, world) > 0
+    iterations = counted[0][1]
+    assert max(c for c, _ in counted) == comm_bytes(cfg, world, iterations=iterations) > 0
 
 
 def test_scan_sweep(tmp_path):
@@ -181,8 +190,12 @@ def test_comm_bytes_grow_with_ranks():
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
     (dict(impls=("ours", "mamba")), "impls must be a non-empty subset"),
     (dict(passes="bwd"), "passes must be one of"),
-    (dict(op="deer"), "op must be one of"),
+    (dict(op="attention"), "op must be one of"),
     (dict(op="scan", gated=True), "op 'scan'.*takes neither gated=True nor a peer"),
+    (dict(op="deer", impls=("ours", "fla-cp"), gated=True, device="cuda", dtype="bfloat16"),
+     "op 'deer'.*takes neither gated=True nor a peer"),
+    (dict(op="deer", heads=2), "op 'deer'.*takes heads=1 and float32/float64, got heads=2"),
+    (dict(op="deer", heads=1, dtype="bfloat16"), "takes heads=1 and float32/float64, got heads=1, dtype=bfloat16"),
     (dict(impls=("fla-cp",), mode="strong", batch=2, tokens=33, world_sizes=(1, 2), chunk_size=128),
      "fla-cp' needs CUDA GPUs.*bf16/fp16.*batch 1.*gated=True.*not by \\[2\\].*chunk_size 16, 32 or 64 \\(got 128\\)"),
 ])
@@ -216,6 +229,25 @@ def test_cli_writes_jsonl_table_and_plot(tmp_path):
     assert res.exit_code != 0 and "cannot use 4 ranks" in res.output
     res = CliRunner().invoke(app, ["scale", "--impl", "fla-cp", "--device", "cpu"])
     assert res.exit_code != 0 and "needs CUDA GPUs" in res.output
+
+
+def test_cli_deer_sweep(tmp_path):
+    # the sequence-parallel DEER-GRU: one hidden size (heads defaults to 1), its iterations and bytes in every row
+    res = CliRunner().invoke(app, ["scale", "--op", "deer", "--mode", "strong", "--world", "1,2", "--tokens", "48",
+                                   "--dim", "4", "--warmup", "0", "--rep", "1", "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = read_jsonl(tmp_path / "deer-strong-T48-H1-D4-cpu.jsonl")
+    assert [r["case"] for r in rows] == ["deer-P1-T48-B1-H1-D4", "deer-P2-T48-B1-H1-D4"]
+    assert all(r["status"] == "ok" and r["shapes"]["x_local"][2] == 4 for r in rows)
+    cfg = ScaleConfig(mode="strong", world_sizes=(1, 2), tokens=48, heads=1, dim=4, op="deer")
+    for r in rows:
+        it = r["extra"]["iterations"]
+        assert 1 <= it <= 100 and r["extra"]["comm_bytes"] == comm_bytes(cfg, r["extra"]["world_size"], iterations=it)
+    assert rows[0]["extra"]["comm_bytes"] == 0 < rows[1]["extra"]["comm_bytes"]
+    with pytest.raises(ValueError, match="needs the forward's Newton iterations"):
+        comm_bytes(cfg, 2)
+    res = CliRunner().invoke(app, ["scale", "--op", "deer", "--heads", "2"])
+    assert res.exit_code != 0 and "takes heads=1" in res.output
 
 
 def test_cli_under_torchrun_uses_the_jobs_ranks(tmp_path):
