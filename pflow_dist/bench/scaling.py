@@ -34,8 +34,8 @@ from ..plotting import save_figure
 from ..testing.distributed import run_distributed
 from .harness import BenchRow, command_line, device_name, versions
 
-__all__ = ["ScaleConfig", "comm_bytes", "find_longest", "is_out_of_memory", "longest_search", "markdown_table", "plot",
-           "run_scaling", "run_sweep", "sweep_configs"]
+__all__ = ["ScaleConfig", "comm_bytes", "failure_text", "find_longest", "is_out_of_memory", "longest_search",
+           "markdown_table", "plot", "run_scaling", "run_sweep", "sweep_configs"]
 
 MODES = ("weak", "strong", "longest")
 IMPLS = ("ours", "fla-cp")
@@ -315,7 +315,7 @@ def _measure_point(cfg: ScaleConfig, impl: str, world: int) -> BenchRow:
             res = run_distributed(_worker, world, cfg, impl, backend="nccl" if cfg.device == "cuda" else "gloo",
                                   timeout_s=1800, collective_timeout_s=600)[0]
     except Exception as e:  # a peer that refuses (or runs out of memory) is a result; the callers decide
-        row.status, row.error = "error", f"{type(e).__name__}: {str(e)[-500:]}"
+        row.status, (row.error, row.extra["out_of_memory"]) = "error", failure_text(e)
         row.device = device_name(torch.device(cfg.device))
         return row
     tok_s = cfg.batch * T / res["seconds"]
@@ -373,6 +373,15 @@ def is_out_of_memory(error: str) -> bool:
     return any(m in error for m in _OOM_MARKERS)
 
 
+def failure_text(error: BaseException, limit: int = 800) -> tuple[str, bool]:
+    """``(text for the row, out of memory?)``: the verdict reads the whole message (a rank's traceback puts the
+    allocator's words first and its advice after them), the text keeps its start and end within ``limit``."""
+    text = f"{type(error).__name__}: {error}"
+    if len(text) > limit:
+        text = f"{text[:limit // 2]} [...] {text[-limit // 2:]}"
+    return text, is_out_of_memory(f"{type(error).__name__}: {error}")
+
+
 def longest_search(start: int, cap: int, granule: int, runs: Callable[[int], bool], refine: int = 3) -> int | None:
     """The largest sequence length that ``runs``: double from ``start`` (multiples of ``granule``) until a length
     fails or would pass ``cap``, then ``refine`` bisection steps between the last success and the first failure.
@@ -420,7 +429,7 @@ def find_longest(cfg: ScaleConfig, refine: int = 3,
 
             def runs(T: int, impl: str = impl, world: int = world, tried: dict = tried) -> bool:
                 row = _measure_point(replace(cfg, tokens=T, mode="longest"), impl, world)
-                if row.status != "ok" and not is_out_of_memory(row.error or ""):
+                if row.status != "ok" and not row.extra.get("out_of_memory"):
                     raise RuntimeError(f"{impl} failed at {row.case} for another reason than memory: {row.error}")
                 tried[T] = row
                 rows.append(row)

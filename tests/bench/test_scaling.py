@@ -13,6 +13,7 @@ from pflow_dist.bench.harness import read_jsonl
 from pflow_dist.bench.scaling import (
     ScaleConfig,
     comm_bytes,
+    failure_text,
     find_longest,
     is_out_of_memory,
     longest_search,
@@ -152,6 +153,12 @@ def test_out_of_memory_is_told_apart_from_other_failures():
     assert is_out_of_memory(f"RuntimeError: {cpu_oom.value}")
     assert is_out_of_memory("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert not is_out_of_memory("ValueError: k must have 4 or 5 dimensions")
+    # a rank's traceback: the allocator's words first, then a long tail of advice; the verdict reads all of it
+    long = RuntimeError("rank(s) [0] failed: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 5.00 GiB. "
+                        + "If reserved but unallocated memory is large try expandable_segments. " * 20)
+    text, oom = failure_text(long, limit=400)
+    assert oom and len(text) < 420 and text.startswith("RuntimeError: rank(s) [0]") and text.endswith("segments. ")
+    assert failure_text(ValueError("bad k")) == ("ValueError: bad k", False)
 
 
 def test_find_longest_rows_table_and_plot(tmp_path):
