@@ -463,21 +463,23 @@ def run_sweep(base: ScaleConfig, tokens: Sequence[int], batches: Sequence[int],
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of a sweep (one line per implementation, (tokens, batch) and world size; failed points show
-    the error)."""
-    lines = ["| impl | ranks | tokens | B | step ms | tokens/s | tokens/s/rank | efficiency | peak MiB/rank | "
-             "comm bytes/rank |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    the error; DEER rows add their Newton iterations)."""
+    iters = any("iterations" in r.extra for r in rows)
+    cols = ["impl", "ranks", "tokens", "B", "step ms", "tokens/s", "tokens/s/rank", "efficiency", "peak MiB/rank",
+            "comm bytes/rank"] + (["iterations"] if iters else [])
+    lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for r in rows:
         e = r.extra
         tokens = f"**{e['tokens']}** (longest)" if e.get("longest") else e["tokens"]
         head = f"| {r.impl} | {e['world_size']} | {tokens} | {e['batch']} |"
         if r.status != "ok":
-            lines.append(f"{head} {r.status}: {(r.error or '')[:80]} | | | | | |")
+            lines.append(f"{head} {r.status}: {(r.error or '')[:80]} |" + " |" * (len(cols) - 5))
             continue
         mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.0f}"
         comm = "-" if e["comm_bytes"] is None else e["comm_bytes"]
         eff = f"{e['efficiency']:.0%}" if "efficiency" in e else "-"
         lines.append(f"{head} {r.median_ms:.2f} | {e['tokens_per_s']:.3g} | {e['tokens_per_s_per_rank']:.3g} | "
-                     f"{eff} | {mem} | {comm} |")
+                     f"{eff} | {mem} | {comm} |" + (f" {e.get('iterations', '-')} |" if iters else ""))
     return "\n".join(lines)
 
 

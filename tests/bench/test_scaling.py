@@ -251,6 +251,8 @@ def test_cli_deer_sweep(tmp_path):
         it = r["extra"]["iterations"]
         assert 1 <= it <= 100 and r["extra"]["comm_bytes"] == comm_bytes(cfg, r["extra"]["world_size"], iterations=it)
     assert rows[0]["extra"]["comm_bytes"] == 0 < rows[1]["extra"]["comm_bytes"]
+    table = (tmp_path / "deer-strong-T48-H1-D4-cpu.md").read_text().splitlines()
+    assert table[0].endswith("| iterations |") and table[2].endswith(f"| {rows[0]['extra']['iterations']} |")
     with pytest.raises(ValueError, match="needs the forward's Newton iterations"):
         comm_bytes(cfg, 2)
     res = CliRunner().invoke(app, ["scale", "--op", "deer", "--heads", "2"])
