@@ -214,7 +214,7 @@ def scale(
     sizes, token_list, batch_list = (_int_list(v, name) for v, name in
                                      ((world, "--world"), (tokens, "--tokens"), (batch, "--batch")))
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    heads = heads or (1 if op == "deer" else 2)
+    heads = heads if heads is not None else (1 if op == "deer" else 2)
     in_job = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     if in_job and not dist.is_initialized():
         if dev == "cuda":

@@ -376,10 +376,9 @@ def is_out_of_memory(error: str) -> bool:
 def failure_text(error: BaseException, limit: int = 800) -> tuple[str, bool]:
     """``(text for the row, out of memory?)``: the verdict reads the whole message (a rank's traceback puts the
     allocator's words first and its advice after them), the text keeps its start and end within ``limit``."""
-    text = f"{type(error).__name__}: {error}"
-    if len(text) > limit:
-        text = f"{text[:limit // 2]} [...] {text[-limit // 2:]}"
-    return text, is_out_of_memory(f"{type(error).__name__}: {error}")
+    full = f"{type(error).__name__}: {error}"
+    text = full if len(full) <= limit else f"{full[:limit // 2]} [...] {full[-limit // 2:]}"
+    return text, is_out_of_memory(full)
 
 
 def longest_search(start: int, cap: int, granule: int, runs: Callable[[int], bool], refine: int = 3) -> int | None:
