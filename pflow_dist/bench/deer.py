@@ -9,12 +9,16 @@ Same inputs as ``bench gru`` (input size = hidden size nh, nn.GRU's init, x ~ N(
   (:mod:`pflow_dist.bench.deer_jax`; needs jax and the deer source).
 ``pflow-dist bench deer`` (and ``python -m pflow_dist.bench.deer``) add to every row (``finalize_rows``) the Newton
 iterations and the max abs error of each method against the sequential cuDNN result (TF32 off) on the same inputs.
+``--crossover`` runs ours and cuDNN over a grid of (B, nh, T) instead and reports, per (B, nh), from which T on DEER is
+the faster (:func:`crossover`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from collections.abc import Sequence
 
 import torch
 
@@ -28,8 +32,46 @@ _FULL = [(1, 8, 2**20), (16, 32, 2**20), (16, 32, 17984), (16, 64, 17984), (16, 
 _CUDNN_CHUNK = 2**14
 
 
+# crossover grid: DEER's work grows with B·nh·T (times the iterations), cuDNN's time mostly with T (one step after the
+# other, each parallel over B·nh): short sequences of many large states are where cuDNN can win. B·nh·T ≤ 2^28 keeps
+# DEER's fwd+bwd within one GPU's memory (60 GB at 2^29 in deer_h100.jsonl).
+_CROSSOVER_BN = ((16, 32), (16, 64), (64, 64), (256, 64), (16, 256), (64, 256))
+_CROSSOVER_T = (256, 1024, 4096, 17984, 65536)
+_CROSSOVER_QUICK = ((2, 8, 16), (2, 8, 48))
+
+
+def _case_list(shapes) -> list[Case]:
+    return [Case(f"B{b}-nh{n}-T{t}", {"B": b, "nh": n, "T": t}) for b, n, t in shapes]
+
+
 def _cases(quick: bool) -> list[Case]:
-    return [Case(f"B{b}-nh{n}-T{t}", {"B": b, "nh": n, "T": t}) for b, n, t in (_QUICK if quick else _FULL)]
+    return _case_list(_QUICK if quick else _FULL)
+
+
+def crossover_cases(quick: bool) -> list[Case]:
+    """The ``--crossover`` grid: T from 256 to 65536 for each (B, nh), B·nh·T ≤ 2^28 (tiny on CPU with ``quick``)."""
+    if quick:
+        return _case_list(_CROSSOVER_QUICK)
+    return _case_list((b, n, t) for b, n in _CROSSOVER_BN for t in _CROSSOVER_T if b * n * t <= 2**28)
+
+
+def crossover(rows: Sequence[BenchRow], ours: str = "ours", peer: str = "torch.nn.GRU") -> list[dict]:
+    """Per (B, nh, mode): ours' speedup over ``peer`` (peer ms / ours ms) at each T measured by both, and
+    ``ours_faster_from_T``, the shortest T from which ours is faster at that and every longer T (None: at none)."""
+    ms = {(r.case, r.mode, r.impl): r.median_ms for r in rows if r.status == "ok" and r.median_ms}
+    groups: dict[tuple[int, int, str], dict[int, float]] = {}
+    for r in rows:
+        if r.impl != ours or (r.case, r.mode, peer) not in ms or (r.case, r.mode, ours) not in ms:
+            continue
+        b, n, t = (int(part[len(key):]) for part, key in zip(r.case.split("-"), ("B", "nh", "T"), strict=True))
+        groups.setdefault((b, n, r.mode), {})[t] = ms[(r.case, r.mode, peer)] / ms[(r.case, r.mode, ours)]
+    out = []
+    for (b, n, mode), by_t in sorted(groups.items()):
+        ts = sorted(by_t)
+        wins_from = next((t for i, t in enumerate(ts) if all(by_t[u] > 1 for u in ts[i:])), None)
+        out.append({"B": b, "nh": n, "mode": mode, "speedup_by_T": {t: by_t[t] for t in ts},
+                    "ours_faster_from_T": wins_from})
+    return out
 
 
 def _weights(inp) -> GRUWeights:
@@ -152,9 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rep", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--crossover", action="store_true",
+                   help="ours vs cuDNN over a (B, nh, T) grid; the crossover summary goes to <out>.crossover.json")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run_bench(BENCH, device=device, quick=args.quick, case_filter=args.case, impl_filter=args.impl,
+    bench = dataclasses.replace(BENCH, cases=crossover_cases) if args.crossover else BENCH
+    impls = args.impl or (["ours", "torch.nn.GRU"] if args.crossover else [])
+    rows = run_bench(bench, device=device, quick=args.quick, case_filter=args.case, impl_filter=impls,
                      modes=args.mode or None, warmup=args.warmup, rep=args.rep,
                      on_row=lambda r: print(format_row(r), flush=True))
     from rich.console import Console
@@ -166,6 +212,14 @@ def main(argv: list[str] | None = None) -> None:
                   f"iters={r.extra['iterations']}  max|err| vs cuDNN={r.extra['max_abs_err_vs_sequential']}")
     if args.out:
         write_jsonl(rows, args.out)
+    if args.crossover:
+        summary = crossover(rows)
+        for c in summary:
+            speedups = "  ".join(f"T={t}: {s:.2f}x" for t, s in c["speedup_by_T"].items())
+            print(f"B={c['B']:<4} nh={c['nh']:<4} {c['mode']:<8} ours from T={c['ours_faster_from_T']}  {speedups}")
+        if args.out:
+            with open(f"{args.out}.crossover.json", "w") as f:
+                json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
