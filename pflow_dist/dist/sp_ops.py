@@ -101,22 +101,19 @@ def sp_affine(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | No
     """The sequence-parallel affine scan on top of a local scan ``local_scan(a, b, h0) -> h`` (the differentiable
     scan op for :func:`sp_scan`, the no-autograd ``scan_forward`` for the DEER Newton step).
 
-    Diagonal: one local scan from zero for the shard's end state, ``M = Π_t a_t`` by a reduction, then a second
-    local scan from ``h_in``. (The correction ``h = h⁰ + (Π_{s≤t} a_s) ⊙ h_in`` needs ``torch.cumprod`` along time,
-    which CUDA runs as one sequential loop per channel: with it, ``sp_deer`` on one H200 took 2.34 s for fwd+bwd at
-    T = 2^20, n = 8, 260 ms per Newton iteration.) Dense: the
-    shard's flow by :func:`shard_map` (a tree of n × n products, the price of any parallel dense scan), then one
-    local scan from ``h_in`` (rather than materialise the ``T`` cumulative products).
+    The shard's flow ``(M, D)``, combined across ranks into ``h_in``, then one local scan from ``h_in``. Diagonal:
+    ``M = Π_t a_t`` by a reduction and ``D`` from a local scan from zero. (The correction ``h = h⁰ + (Π_{s≤t} a_s) ⊙
+    h_in`` needs ``torch.cumprod`` along time, which CUDA runs as one sequential loop per channel: with it,
+    ``sp_deer`` on one H200 took 2.34 s for fwd+bwd at T = 2^20, n = 8, 260 ms per Newton iteration.) Dense:
+    :func:`shard_map` (a tree of n × n products, the price of any parallel dense scan) rather than materialise the
+    ``T`` cumulative products.
 
     Returns:
         ``(h [B, T_p, n], h_in [B, n])`` in ``b``'s dtype (``h_in``: the state entering this shard).
     """
-    if a.dim() == 3:
-        end = local_scan(a, b, None)[:, -1]
-        h_in = incoming_state(torch.prod(a, dim=1), end, initial_state, group, diagonal=True, algorithm=algorithm)
-        return local_scan(a, b, h_in), h_in
-    M, D = shard_map(a, b)
-    h_in = incoming_state(M, D, initial_state, group, algorithm=algorithm)
+    diagonal = a.dim() == 3
+    M, D = (torch.prod(a, dim=1), local_scan(a, b, None)[:, -1]) if diagonal else shard_map(a, b)
+    h_in = incoming_state(M, D, initial_state, group, diagonal=diagonal, algorithm=algorithm)
     return local_scan(a, b, h_in), h_in
 
 
