@@ -207,7 +207,7 @@ def scale(
     from rich.progress import Progress
 
     from .bench.harness import write_jsonl
-    from .bench.scaling import ScaleConfig, markdown_table, plot, run_sweep, sweep_configs
+    from .bench.scaling import ScaleConfig, markdown_table, plot, point_line, run_sweep, sweep_configs
 
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
@@ -229,21 +229,31 @@ def scale(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     lead = not in_job or dist.get_rank() == 0  # the rank that reports
-    n_points = len(sizes) * len(cfg.impls) * len(token_list) * len(batch_list)
-    with Progress(console=console, transient=True, disable=not lead) as progress:
-        task = progress.add_task(f"{mode} scaling", total=None if mode == "longest" else n_points)
-        rows = run_sweep(cfg, token_list, batch_list, on_point=lambda r: progress.advance(task))
-    if in_job:
-        dist.destroy_process_group()
-    if not lead:
-        return
     name = lambda xs: "_".join(map(str, xs))  # noqa: E731
     batch_part = "" if batch_list == (1,) else f"-B{name(batch_list)}"
     op_part = "" if op == "flow" else f"{op}-"
     stem = out_dir / (f"{op_part}{mode}-T{name(token_list)}{batch_part}-H{heads}-D{dim}{'-gated' if gated else ''}"
                       f"-{cfg.device}")
+    partial = stem.with_suffix(".partial.jsonl")  # every point as it is measured: what a cut-off run leaves
+    partial.unlink(missing_ok=True)
+    n_points = len(sizes) * len(cfg.impls) * len(token_list) * len(batch_list)
+    with Progress(console=console, transient=True, disable=not lead) as progress:
+        task = progress.add_task(f"{mode} scaling", total=None if mode == "longest" else n_points)
+
+        def on_point(row) -> None:
+            if lead:
+                write_jsonl([row], partial)
+                progress.console.print(point_line(row), highlight=False)
+            progress.advance(task)
+
+        rows = run_sweep(cfg, token_list, batch_list, on_point=on_point)
+    if in_job:
+        dist.destroy_process_group()
+    if not lead:
+        return
     table = markdown_table(rows)
     write_jsonl(rows, stem.with_suffix(".jsonl"))
+    partial.unlink(missing_ok=True)
     stem.with_suffix(".md").write_text(table + "\n")
     png = plot(rows, stem.with_suffix(".png"))
     console.print(table, highlight=False)

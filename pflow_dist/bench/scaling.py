@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from ..testing.distributed import run_distributed
 from .harness import BenchRow, command_line, device_name, versions
-from .scaling_report import markdown_table, plot  # the sweep's reports, re-exported
+from .scaling_report import markdown_table, plot, point_line  # the sweep's reports, re-exported
 
 __all__ = ["ScaleConfig", "comm_bytes", "failure_text", "find_longest", "is_out_of_memory", "longest_search",
-           "markdown_table", "plot", "run_scaling", "run_sweep", "sweep_configs"]
+           "markdown_table", "plot", "point_line", "run_scaling", "run_sweep", "sweep_configs"]
 
 MODES = ("weak", "strong", "longest")
 IMPLS = ("ours", "fla-cp")

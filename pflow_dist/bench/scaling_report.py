@@ -8,7 +8,7 @@ from pathlib import Path
 from ..plotting import save_figure
 from .harness import BenchRow
 
-__all__ = ["markdown_table", "plot"]
+__all__ = ["markdown_table", "plot", "point_line"]
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
@@ -31,6 +31,18 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
         lines.append(f"{head} {r.median_ms:.2f} | {e['tokens_per_s']:.3g} | {e['tokens_per_s_per_rank']:.3g} | "
                      f"{eff} | {mem} | {comm} |" + (f" {e.get('iterations', '-')} |" if iters else ""))
     return "\n".join(lines)
+
+
+def point_line(row: BenchRow) -> str:
+    """One line for a measured point as it arrives (the progress output of a long sweep), e.g.
+    ``ours P=2 T=2097152 B=1: 412.3 ms, 5.09e+06 tokens/s, 61.2 GiB/rank`` or ``... : out of memory``."""
+    e = row.extra
+    head = f"{row.impl} P={e['world_size']} T={e['tokens']} B={e['batch']}"
+    if row.status != "ok":
+        why = "out of memory" if e.get("out_of_memory") else f"{row.status}: {(row.error or '')[:120]}"
+        return f"{head}: {why}"
+    mem = "" if row.peak_mem_bytes is None else f", {row.peak_mem_bytes / 2**30:.1f} GiB/rank"
+    return f"{head}: {row.median_ms:.1f} ms, {e['tokens_per_s']:.3g} tokens/s{mem}"
 
 
 def plot(rows: Sequence[BenchRow], path: str | Path) -> Path:

@@ -19,6 +19,7 @@ from pflow_dist.bench.scaling import (
     longest_search,
     markdown_table,
     plot,
+    point_line,
     run_scaling,
     run_sweep,
 )
@@ -171,6 +172,10 @@ def test_find_longest_rows_table_and_plot(tmp_path):
     assert [r.extra.get("longest", False) for r in rows] == [False, False, True] * 2
     assert "| ours | 2 | **512** (longest) | 1 |" in markdown_table(rows)
     assert plot(rows, tmp_path / "p.png").stat().st_size > 1000
+    assert point_line(rows[0]).startswith("ours P=1 T=128 B=1: ") and " tokens/s" in point_line(rows[0])
+    oom = dataclasses.replace(rows[1], status="error", error="OutOfMemoryError: CUDA out of memory",
+                              extra={**rows[1].extra, "out_of_memory": True})
+    assert point_line(oom) == "ours P=1 T=256 B=1: out of memory"
     with pytest.raises(ValueError, match="max_tokens"):
         ScaleConfig(mode="longest", tokens=1024, max_tokens=512)
 
@@ -219,6 +224,9 @@ def test_cli_writes_jsonl_table_and_plot(tmp_path):
     rows = read_jsonl(stem.with_suffix(".jsonl"))
     assert [r["extra"]["world_size"] for r in rows] == [1, 2] and all(r["bench"] == "scale-weak" for r in rows)
     assert stem.with_suffix(".png").exists() and "efficiency" in stem.with_suffix(".md").read_text()
+    # each point is told as it arrives; its partial record goes once the whole sweep is written
+    assert "ours P=1 T=64 B=1: " in res.output and "ours P=2 T=128 B=1: " in res.output
+    assert not stem.with_suffix(".partial.jsonl").exists()
     res = CliRunner().invoke(app, ["scale", "--world", "1,2", "--tokens", "24,32", "--batch", "1,2", "--heads", "1",
                                    "--dim", "8", "--warmup", "0", "--rep", "1", "--mode", "strong",
                                    "--out-dir", str(tmp_path)])
