@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .chunk_bwd import chunk_flow_dvlocal_bwd_kernel, chunk_flow_grads_bwd_kernel
 from .chunk_fwd import chunk_flow_output_fwd_kernel
-from .chunk_scan import num_groups, state_bwd, state_fwd
+from .chunk_scan import Boundary, num_groups, state_bwd, state_fwd
 from .chunk_wy import chunk_flow_wy_fwd_kernel
 
 __all__ = ["ChunkPlan", "chunk_flow_bwd", "chunk_flow_fwd", "keep_intermediates", "plan_chunks", "token_cumsum"]
@@ -108,7 +108,7 @@ def _token_dg(dG_row: torch.Tensor, dG_q: torch.Tensor, p: ChunkPlan) -> torch.T
     return d.reshape(p.B, p.H, p.NT * p.BC)[:, :, : p.T].permute(0, 2, 1)
 
 
-def _wy_state(k, v, beta, G, h0, p: ChunkPlan, store_ht: bool, inter_dtype):
+def _wy_state(k, v, beta, G, h0, p: ChunkPlan, store_ht: bool, inter_dtype, boundary: Boundary | None = None):
     """Run the WY and the sequential state kernels: Ainv, W, U, per-chunk start states h, Vn, and the final state."""
     dev = k.device
     rows = p.B * p.H * p.NT * p.BT
@@ -128,7 +128,7 @@ def _wy_state(k, v, beta, G, h0, p: ChunkPlan, store_ht: bool, inter_dtype):
     consts = dict(H=p.H, R=p.R, K=p.K, V=p.V, BT=p.BT, BC=p.BC, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS, GATED=gated,
                   DT=dot_dtype(k))
     P = num_groups(p, dev, _cfg("groups"))
-    hT = state_fwd(k, W, U, Gp, h0, h, Vn, p, P, store_ht, _launch("state", k), consts)
+    hT = state_fwd(k, W, U, Gp, h0, h, Vn, p, P, store_ht, _launch("state", k), consts, boundary)
     return W, U, Ainv, h, Vn, hT
 
 
@@ -160,14 +160,16 @@ def keep_intermediates(p: ChunkPlan, x: torch.Tensor) -> bool:
     return nbytes * 6 < torch.cuda.get_device_properties(x.device).total_memory
 
 
-def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool, p: ChunkPlan, keep: bool = False):
+def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool, p: ChunkPlan, keep: bool = False,
+                   boundary: Boundary | None = None):
     """Forward: ``o [B, T, H, V]`` (q's dtype), the final state ``[B, H, K, V]`` fp32 (or None), and, when ``keep``,
     the intermediates ``(W, Ainv, h, Vn)`` for :func:`chunk_flow_bwd` (else None; U is not needed there).
+    ``boundary`` replaces ``h0`` by the state it returns for the sequence's map (:func:`~.chunk_scan.state_fwd`).
 
     Inputs are contiguous, rank-R shaped (``k [B, T, H, R, K]``, ``v [B, T, H, R, V]``, ``beta [B, T, H, R]``);
     ``G`` is :func:`token_cumsum` of g (None without gate); ``h0`` fp32 ``[B, H, K, V]`` or None.
     """
-    W, U, Ainv, h, Vn, hT = _wy_state(k, v, beta, G, h0, p, output_final_state, _inter_dtype(q))
+    W, U, Ainv, h, Vn, hT = _wy_state(k, v, beta, G, h0, p, output_final_state, _inter_dtype(q), boundary)
     o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
     chunk_flow_output_fwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
         q, k, Vn, h, G if G is not None else Vn, o, scale, p.T, p.NT,
@@ -178,9 +180,11 @@ def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool,
     return o, hT, ((W, Ainv, h, Vn) if keep else None)
 
 
-def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, need_dh0: bool, saved=None):
-    """Backward: W, Ainv, h, Vn from ``saved`` (or recomputed), then the reverse state pass and the per-chunk
-    gradients.
+def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, need_dh0: bool, saved=None,
+                   boundary: Boundary | None = None):
+    """Backward: W, Ainv, h, Vn from ``saved`` (or recomputed from ``h0``), then the reverse state pass and the
+    per-chunk gradients. ``boundary`` replaces ``dht`` by the gradient it returns for the reverse pass's map
+    (:func:`~.chunk_scan.state_bwd`).
 
     Returns:
         ``(dq, dk, dv, dbeta, dg, dh0)`` in the shapes of the inputs (dg ``[B, T, H]`` fp32 or None, dh0 fp32 or
@@ -197,7 +201,7 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     rows = p.B * p.H * p.NT * p.BT
     dVn = torch.empty(rows, p.V, device=dev, dtype=inter)  # as fla: its dv2 is stored in the input dtype
     P = num_groups(p, dev, _cfg("groups"))
-    fuse_dvl = P == 1 and bool(_cfg("fuse_dvl"))
+    fuse_dvl = P == 1 and boundary is None and bool(_cfg("fuse_dvl"))
     if not fuse_dvl:
         chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
             q, k, do, Gp, dVn, scale, p.T, p.NT,
@@ -208,7 +212,8 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     dh = torch.empty(p.B * p.H * p.NT, p.K, p.V, device=dev, dtype=inter)
     consts = dict(H=p.H, R=p.R, K=p.K, V=p.V, BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BKF=p.BKF, BV=p.BVS,
                   GATED=gated, DT=dot_dtype(q))
-    dh0 = state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P, need_dh0, _launch("sbwd", k), consts, fuse_dvl)
+    dh0 = state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P, need_dh0, _launch("sbwd", k), consts, fuse_dvl,
+                    boundary)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

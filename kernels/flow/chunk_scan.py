@@ -14,14 +14,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 
-from ..common.affine import apply_map
+from ..common.affine import apply_map, compose
 from .chunk_bwd import chunk_flow_state_bwd_kernel
 from .chunk_fwd import chunk_flow_state_fwd_kernel
 
-__all__ = ["num_groups", "state_bwd", "state_fwd"]
+__all__ = ["Boundary", "num_groups", "state_bwd", "state_fwd"]
 
 
 def num_groups(p, device: torch.device, forced: int) -> int:
@@ -37,16 +39,36 @@ def num_groups(p, device: torch.device, forced: int) -> int:
     return max(1, min(triton.cdiv(2 * sms, programs), p.NT // 16))
 
 
+Boundary = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _call_boundary(boundary: Boundary, maps: torch.Tensor, order, p) -> torch.Tensor:
+    """The group maps ``maps [B·H, P, K, K + V]`` composed in ``order`` (the whole pass's map), handed to
+    ``boundary``; its answer (the pass's true start state, ``[B, H, K, V]``) as ``[B·H, K, V]`` fp32."""
+    K = p.K
+    total = None
+    for g in order:
+        m = (maps[:, g, :, :K], maps[:, g, :, K:])
+        total = m if total is None else compose(total, m)
+    S = boundary(total[0].view(p.B, p.H, K, K), total[1].view(p.B, p.H, K, p.V))
+    return S.reshape(p.B * p.H, K, p.V).float()
+
+
 def _groups(p, P: int) -> tuple[int, int]:
     L = triton.cdiv(p.NT, P)
     return triton.cdiv(p.NT, L), L
 
 
-def state_fwd(k, W, U, Gp, h0, h, Vn, p, P: int, store_ht: bool, launch: dict, consts: dict):
-    """Fill ``h`` (chunk-start states) and ``Vn``; return the final state (fp32) when ``store_ht``."""
+def state_fwd(k, W, U, Gp, h0, h, Vn, p, P: int, store_ht: bool, launch: dict, consts: dict,
+              boundary: Boundary | None = None):
+    """Fill ``h`` (chunk-start states) and ``Vn``; return the final state (fp32) when ``store_ht``.
+
+    ``boundary`` (sequence parallelism): called with the whole pass's map ``(M [B, H, K, K], D [B, H, K, V])``, the
+    composition of the group maps, it returns the true start state, which replaces ``h0``; the pass then runs as
+    grouped (one group at least), so the map costs nothing beyond the grouped pass."""
     BH, K, V = p.B * p.H, p.K, p.V
     P, L = _groups(p, P)
-    if P == 1:
+    if P == 1 and boundary is None:
         hT = torch.empty(BH, K, V, device=k.device, dtype=torch.float32) if store_ht else None
         chunk_flow_state_fwd_kernel[(triton.cdiv(V, p.BVS), BH, 1)](
             k, W, U, Gp, h0 if h0 is not None else W, h, Vn, hT if store_ht else W, p.T, p.NT, p.NT,
@@ -59,6 +81,8 @@ def state_fwd(k, W, U, Gp, h0, h, Vn, p, P: int, store_ht: bool, launch: dict, c
     )
     maps = maps.view(BH, P, K, K + V)
     S = h0.view(BH, K, V) if h0 is not None else torch.zeros(BH, K, V, device=k.device, dtype=torch.float32)
+    if boundary is not None:
+        S = _call_boundary(boundary, maps, range(P), p)
     starts = []
     for g in range(P):
         starts.append(S)
@@ -71,12 +95,15 @@ def state_fwd(k, W, U, Gp, h0, h, Vn, p, P: int, store_ht: bool, launch: dict, c
 
 
 def state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P: int, need_dh0: bool, launch: dict, consts: dict,
-              fuse_dvl: bool = False):
+              fuse_dvl: bool = False, boundary: Boundary | None = None):
     """Fill ``dh`` (gradients of the chunk-end states) and complete ``dVn`` (holding Attᵀ dO on entry, or, with
-    ``fuse_dvl`` and one group, nothing: the kernel computes that term itself); return dS_0 (fp32) when asked."""
+    ``fuse_dvl`` and one group, nothing: the kernel computes that term itself); return dS_0 (fp32) when asked.
+
+    ``boundary``: as in :func:`state_fwd` for the reverse pass: called with its map ``(Φ, E)``, dS_start = Φ dS_end
+    + E over the whole pass, it returns the true dS_end, which replaces ``dht`` (``fuse_dvl`` is then ignored)."""
     BH, K, V = p.B * p.H, p.K, p.V
     P, L = _groups(p, P)
-    if P == 1:
+    if P == 1 and boundary is None:
         dh0 = torch.empty(BH, K, V, device=k.device, dtype=torch.float32) if need_dh0 else None
         chunk_flow_state_bwd_kernel[(triton.cdiv(V, p.BVS), BH, 1)](
             q, k, W, do, Gp, dht if dht is not None else W, dh, dVn, dh0 if need_dh0 else W, scale, p.T, p.NT, p.NT,
@@ -90,6 +117,8 @@ def state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P: int, need_dh0: bool, l
     )
     maps = maps.view(BH, P, K, K + V)
     S = dht.view(BH, K, V) if dht is not None else torch.zeros(BH, K, V, device=k.device, dtype=torch.float32)
+    if boundary is not None:
+        S = _call_boundary(boundary, maps, reversed(range(P)), p)
     ends = [None] * P
     for g in reversed(range(P)):
         ends[g] = S

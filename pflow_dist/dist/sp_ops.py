@@ -15,9 +15,10 @@ from torch.distributed import ProcessGroup
 
 from ..kernels.common.affine import compose, identity_map
 from ..kernels.scan.naive import check_scan_inputs
-from ..ops.flow import chunk_flow, flow_map
+from ..ops.flow import _nonfinite_counts, _raise_if_nonfinite, _resolve_backend, _validate, chunk_flow, flow_map
 from ..ops.scan import scan
-from .combine import incoming_state
+from .combine import incoming_state, resolve_algorithm
+from .comm import group_rank_size
 
 __all__ = ["ordered_product", "shard_map", "sp_affine", "sp_flow", "sp_scan"]
 
@@ -51,12 +52,30 @@ def sp_flow(
         initial_state: the sequence's initial state ``[B, H, K, V]``, identical on every rank.
         output_final_state: return the state at the end of *this rank's* shard (on the last rank: the sequence's
             final state).
-        rank_form, scale, chunk_size, backend, check_finite: as in :func:`pflow_dist.ops.flow.chunk_flow` (the local
-            work is that op: once for the shard's flow map, once from the incoming state; values checked once).
+        rank_form, scale, chunk_size, backend, check_finite: as in :func:`pflow_dist.ops.flow.chunk_flow`.
+
+    The local work: on the Triton backend, the flow kernels with the combine inside their grouped state passes
+    (:mod:`~pflow_dist.dist.sp_flow_triton`: the shard's map comes from the pass itself, fwd and bwd); on the torch
+    backend (float64 references, CPU), the op once for the shard's map (:func:`~pflow_dist.ops.flow.flow_map`) and
+    once from the incoming state. A group of one rank runs the op alone.
 
     Returns:
         ``(o [B, T_p, H, V], final_state [B, H, K, V] or None)``.
     """
+    if group_rank_size(group)[1] == 1:
+        return chunk_flow(q, k, v, beta, g, rank_form, scale, initial_state, output_final_state, chunk_size, backend,
+                          check_finite)
+    d = _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend)
+    if _resolve_backend(backend, q.device) == "triton":
+        from ..ops.flow_autograd import _check_kernel_dtype  # noqa: PLC0415 - kernels import only when used
+        from .sp_flow_triton import triton_sp_flow  # noqa: PLC0415
+
+        _check_kernel_dtype(q)
+        counts = _nonfinite_counts(beta, g) if check_finite else None
+        o, S = triton_sp_flow(q, k, v, beta, g, rank_form, d.K**-0.5 if scale is None else float(scale),
+                              initial_state, chunk_size, group, resolve_algorithm("auto", group))
+        _raise_if_nonfinite(counts, beta, g)
+        return o, (S if output_final_state else None)
     M, D = flow_map(k, v, beta, g, rank_form, chunk_size=chunk_size, backend=backend, check_finite=check_finite)
     S_in = incoming_state(M, D, initial_state, group)
     o, S = chunk_flow(q, k, v, beta, g, rank_form, scale, S_in, output_final_state=True, chunk_size=chunk_size,

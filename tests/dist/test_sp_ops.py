@@ -7,6 +7,8 @@ sequence-parallel op on its shard, and returns its errors; the test asserts on a
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from pflow_dist.dist import shard_bounds, sp_flow, sp_scan
 from pflow_dist.kernels.flow.naive import naive_chunk_flow
 from pflow_dist.kernels.scan.naive import naive_scan
-from pflow_dist.testing import error_stats, run_distributed
+from pflow_dist.testing import error_stats, interpreting, run_distributed
 
 pytestmark = pytest.mark.dist
 
@@ -24,6 +26,15 @@ FLOW_CASES = [
     dict(B=1, T=19, H=2, R=3, K=4, V=5, gated=True, rank_form="sum", dtype=torch.float64),
     dict(B=2, T=17, H=1, R=2, K=3, V=3, gated=True, rank_form="product", dtype=torch.float64),
     dict(B=2, T=21, H=2, R=2, K=4, V=4, gated=True, rank_form="sum", dtype=torch.float32),
+]
+# the Triton kernels (interpreter on CPU): the combine inside the grouped state passes, one group per shard or more
+# (FLOW_CFG groups=2), the backward that keeps or recomputes the intermediates (save=0), gated, product form, R > 1
+TRITON_CASES = [
+    dict(B=2, T=45, H=2, R=1, K=16, V=12, gated=False, rank_form="sum", dtype=torch.float32, backend="triton", C=8),
+    dict(B=1, T=50, H=1, R=2, K=16, V=8, gated=True, rank_form="product", dtype=torch.float32, backend="triton",
+         C=8, flow_cfg="groups=2"),
+    dict(B=1, T=41, H=2, R=3, K=12, V=10, gated=True, rank_form="sum", dtype=torch.float32, backend="triton", C=8,
+         flow_cfg="groups=3,save=0"),
 ]
 SCAN_CASES = [
     dict(B=2, T=23, N=3, diagonal=True, dtype=torch.float64),
@@ -56,8 +67,9 @@ def _flow_worker(rank, world, cases):
         start, end = shard_bounds(c["T"], world)[rank]
         loc = {n: (inp[n] if n == "initial_state" else inp[n][:, start:end]).clone().requires_grad_(True)
                for n in names}
+        os.environ["FLOW_CFG"] = c.get("flow_cfg", "")
         o_p, S_p = sp_flow(**loc, group=dist.group.WORLD, rank_form=c["rank_form"], output_final_state=True,
-                           chunk_size=4)
+                           chunk_size=c.get("C", 4), backend=c.get("backend", "auto"))
         last = rank == world - 1
         loss_p = (o_p.double() * up["o"][:, start:end]).sum() + ((S_p.double() * up["S"]).sum() if last else 0)
         grads = torch.autograd.grad(loss_p, [loc[n] for n in names])
@@ -110,6 +122,12 @@ def _check(per_rank, cases):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sp_flow_equals_single_process(world):
     _check(run_distributed(_flow_worker, world, FLOW_CASES, timeout_s=240), FLOW_CASES)
+
+
+@pytest.mark.skipif(not interpreting(), reason="CPU ranks run the Triton kernels through the interpreter only")
+@pytest.mark.parametrize("world", [2, 3])
+def test_sp_flow_triton_equals_single_process(world):
+    _check(run_distributed(_flow_worker, world, TRITON_CASES, timeout_s=400), TRITON_CASES)
 
 
 @pytest.mark.parametrize("world", [2, 3])
