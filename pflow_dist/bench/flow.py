@@ -8,6 +8,9 @@ g = logsigmoid(·) when gated):
   to the host: one device sync per call, which stalls the launch queue;
 - ``ours-sum``: the same op in the rank-R sum form (ParallelFlow), beside the product rows (rank-R cases only; for
   R = 1 the two forms are one op and the row says so);
+- ``ours-sp``: the per-rank work of ``sp_flow``'s Triton path (the combine inside the grouped state passes) over a
+  one-rank process group: what each GPU computes under sequence parallelism, without the communication (``ours`` /
+  ``ours-sp`` bounds the weak-scaling efficiency from above; one GPU suffices to measure it);
 - ``fla``: ``fla.ops.delta_rule.chunk_delta_rule`` / ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` /
   ``fla.ops.gated_delta_product.chunk_gated_delta_product`` (non-gated, interleaved [B, T·R, H, ·] layout) when
   fla-core is installed and on CUDA;
@@ -99,6 +102,18 @@ def _ours_sum(inp):
     return _chunk_flow(inp, rank_form="sum")
 
 
+def _ours_sp(inp):
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from pflow_dist.dist.sp_flow_triton import triton_sp_flow  # noqa: PLC0415
+
+    if not dist.is_initialized():  # a group of this process alone: the combine has nobody to talk to
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    scale = inp["q"].shape[-1] ** -0.5
+    return triton_sp_flow(inp["q"], inp["k"], inp["v"], inp["beta"], inp.get("g"), "product", scale, None, 64, None,
+                          "doubling")
+
+
 def _ours_unavailable(device: torch.device) -> str | None:
     return None if importlib.util.find_spec("pflow_dist.ops.flow") else "pflow_dist.ops.flow is not built yet"
 
@@ -151,6 +166,7 @@ BENCH = Bench(
         Impl("ours", _ours, _ours_unavailable, "pflow-dist"),
         Impl("ours-checked", _ours_checked, _ours_unavailable, "pflow-dist"),
         Impl("ours-sum", _ours_sum, _ours_unavailable, "pflow-dist", lambda inp: _reference(inp, "sum")),
+        Impl("ours-sp", _ours_sp, _ours_unavailable, "pflow-dist"),
         Impl("fla", _fla, _fla_unavailable, "fla-core"),
         Impl("torch-chunked", _torch_chunked("inverse"), _torch_unavailable),
         Impl("torch-sigdelta", _torch_chunked("sigdelta"), _torch_unavailable),

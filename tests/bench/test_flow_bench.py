@@ -18,10 +18,11 @@ def test_reference_is_unrounded_float64():
 
 def test_quick_rows_ours_and_sum_form():
     rows = run_bench(flow_bench.BENCH, device=torch.device("cpu"), quick=True, warmup=0, rep=1,
-                     case_filter=["B1-T64-H2-D16", "B1-T64-H2-D16-R2"], impl_filter=["ours", "ours-sum"])
+                     case_filter=["B1-T64-H2-D16", "B1-T64-H2-D16-R2"], impl_filter=["ours", "ours-sum", "ours-sp"])
     by = {(r.case, r.impl, r.mode): r for r in rows}
     for key in [("B1-T64-H2-D16", "ours", "fwd"), ("B1-T64-H2-D16-R2", "ours", "fwd+bwd"),
-                ("B1-T64-H2-D16-R2", "ours-sum", "fwd")]:
+                ("B1-T64-H2-D16-R2", "ours-sum", "fwd"), ("B1-T64-H2-D16", "ours-sp", "fwd+bwd"),
+                ("B1-T64-H2-D16-R2", "ours-sp", "fwd")]:
         r = by[key]
         # bf16 outputs against the float64 result: rounding error, never exactly zero, well below 1%
         assert r.status == "ok" and 1e-5 < r.extra["rel_err"] < 1e-2, (key, r.extra)
