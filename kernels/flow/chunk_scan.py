@@ -9,7 +9,9 @@
 #   3. the state kernel again, every group from its true start state, storing the chunk states and Vn.
 # Depth 2L + P instead of NT, for (K + V)/V more flops in step 1. The backward does the same with the transposed maps
 # dS_start = Φ_g dS_end + E_g, in reverse order. With L = 1, step 1 is "every chunk's flow in parallel" and step 2 a
-# scan over chunks; the grouped form keeps step 2 short.
+# scan over chunks; the grouped form keeps step 2 short. Sequence parallelism adds one level to this tree: with a
+# `boundary` hook, step 2 first composes all group maps into the shard's map and asks the hook (the cross-rank combine,
+# pflow_dist/dist/sp_flow_triton.py) for the shard's true start state (in the backward: its true dS_end).
 """Inter-chunk state passes of the chunked flow (forward and backward), sequential or grouped by chunk flows."""
 
 from __future__ import annotations

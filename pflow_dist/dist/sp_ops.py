@@ -3,7 +3,8 @@ equals the matching slice of the single-device op on the whole sequence (outputs
 
 Sequence parallelism is a keyword, not a forked op: the local work is the single-device op itself, run once for the
 shard's flow and once (or a cheap correction) with the incoming state from
-:func:`~pflow_dist.dist.combine.incoming_state`.
+:func:`~pflow_dist.dist.combine.incoming_state`; the flow on the Triton kernels folds the two into one op
+(:mod:`~pflow_dist.dist.sp_flow_triton`).
 """
 
 from __future__ import annotations
