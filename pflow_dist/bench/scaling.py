@@ -216,12 +216,14 @@ def _measure(rank: int, world: int, cfg: ScaleConfig, impl: str, group: dist.Pro
     rank's median and the largest peak memory."""
     dtype = getattr(torch, cfg.dtype)
     T_local = cfg.total_tokens(world) // world + (1 if rank < cfg.total_tokens(world) % world else 0)
-    gen = torch.Generator().manual_seed(rank)
+    # drawn on the device, in the op's dtype: on the host, 2^20 tokens × 16 heads × 128 took minutes per point
+    gen = torch.Generator(device=device).manual_seed(rank)
     B, H, D = cfg.batch, cfg.heads, cfg.dim
-    mk = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    mk = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
+    unif = lambda *s, dt=dtype: torch.rand(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
     g = None
     if cfg.op == "scan":  # decays in (0.5, 1): a long memory, as in the recurrences it stands for
-        a = (0.5 + 0.5 * torch.rand(B, T_local, H * D, generator=gen)).to(device=device, dtype=dtype)
+        a = 0.5 + 0.5 * unif(B, T_local, H * D)
         leaves = [a.requires_grad_(True), mk(B, T_local, H * D).requires_grad_(True)]
         do = mk(B, T_local, H * D)
     elif cfg.op == "deer":
@@ -229,10 +231,10 @@ def _measure(rank: int, world: int, cfg: ScaleConfig, impl: str, group: dist.Pro
         do = mk(B, T_local, D)
     else:
         q, v = mk(B, T_local, H, D), mk(B, T_local, H, D)
-        k = F.normalize(mk(B, T_local, H, D).float(), dim=-1).to(dtype)
-        beta = torch.rand(B, T_local, H, generator=gen).to(device=device, dtype=dtype)
+        k = F.normalize(mk(B, T_local, H, D), dim=-1)
+        beta = unif(B, T_local, H)
         if cfg.gated:
-            g = F.logsigmoid(torch.randn(B, T_local, H, generator=gen) + 4).to(device)  # fp32, ≤ 0
+            g = F.logsigmoid(mk(B, T_local, H, dt=torch.float32) + 4)  # fp32, ≤ 0
         leaves = [x.requires_grad_(True) for x in (q, k, v, beta)]
         do = mk(B, T_local, H, D)
     iterations: list[int] = []
