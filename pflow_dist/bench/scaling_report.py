@@ -23,7 +23,7 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
         tokens = f"**{e['tokens']}** (longest)" if e.get("longest") else e["tokens"]
         head = f"| {r.impl} | {e['world_size']} | {tokens} | {e['batch']} |"
         if r.status != "ok":
-            lines.append(f"{head} {r.status}: {(r.error or '')[:80]} |" + " |" * (len(cols) - 5))
+            lines.append(f"{head} {_failure(r, 80)} |" + " |" * (len(cols) - 5))
             continue
         mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.0f}"
         comm = "-" if e["comm_bytes"] is None else e["comm_bytes"]
@@ -33,14 +33,22 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+def _failure(row: BenchRow, width: int) -> str:
+    """A failed point in one line: "out of memory", or the status and the error's last line (a rank's traceback
+    ends with the exception), at most ``width`` characters of it."""
+    if row.extra.get("out_of_memory"):
+        return "out of memory"
+    lines = (row.error or "").strip().splitlines()
+    return f"{row.status}: {(lines[-1] if lines else '')[:width]}"
+
+
 def point_line(row: BenchRow) -> str:
     """One line for a measured point as it arrives (the progress output of a long sweep), e.g.
     ``ours P=2 T=2097152 B=1: 412.3 ms, 5.09e+06 tokens/s, 61.2 GiB/rank`` or ``... : out of memory``."""
     e = row.extra
     head = f"{row.impl} P={e['world_size']} T={e['tokens']} B={e['batch']}"
     if row.status != "ok":
-        why = "out of memory" if e.get("out_of_memory") else f"{row.status}: {(row.error or '')[:120]}"
-        return f"{head}: {why}"
+        return f"{head}: {_failure(row, 120)}"
     mem = "" if row.peak_mem_bytes is None else f", {row.peak_mem_bytes / 2**30:.1f} GiB/rank"
     return f"{head}: {row.median_ms:.1f} ms, {e['tokens_per_s']:.3g} tokens/s{mem}"
 

@@ -176,6 +176,11 @@ def test_find_longest_rows_table_and_plot(tmp_path):
     oom = dataclasses.replace(rows[1], status="error", error="OutOfMemoryError: CUDA out of memory",
                               extra={**rows[1].extra, "out_of_memory": True})
     assert point_line(oom) == "ours P=1 T=256 B=1: out of memory"
+    crash = dataclasses.replace(oom, error="DistributedRunError: rank 0 of 1 failed:\nTraceback (most recent call "
+                                "last):\n  File x\nValueError: bad k", extra={**oom.extra, "out_of_memory": False})
+    table = markdown_table([oom, crash]).splitlines()  # one line per row whatever the error's shape
+    assert len(table) == 4 and "| 256 | 1 | out of memory |" in table[2]
+    assert table[3].endswith("| 256 | 1 | error: ValueError: bad k |" + " |" * 5)
     with pytest.raises(ValueError, match="max_tokens"):
         ScaleConfig(mode="longest", tokens=1024, max_tokens=512)
 
