@@ -22,8 +22,9 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from ..kernels.common.affine import apply_map
-from ..kernels.flow.chunk import chunk_flow_bwd, chunk_flow_fwd, keep_intermediates, plan_chunks, token_cumsum
+from ..kernels.flow.chunk import chunk_flow_bwd, chunk_flow_fwd, keep_intermediates
 from ..kernels.flow.shapes import as_rank_r
+from ..ops.flow_autograd import prepare_forward
 from .combine import _combine
 from .comm import group_rank_size
 
@@ -33,10 +34,7 @@ __all__ = ["triton_sp_flow"]
 class _SPFlowFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, rank_form, chunk_size, group, algorithm):
-        B, T, H, R, K = k.shape
-        p = plan_chunks(B, T, H, R, K, v.shape[-1], chunk_size, rank_form)
-        q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
-        G = token_cumsum(g, p)
+        p, q, k, v, beta, G = prepare_forward(ctx, q, k, v, beta, g, h0, scale, rank_form, chunk_size)
         h0f = None if h0 is None else h0.float()
         start: list[torch.Tensor] = []
 
@@ -47,9 +45,7 @@ class _SPFlowFunction(torch.autograd.Function):
         o, hT, saved = chunk_flow_fwd(q, k, v, beta, G, scale, None, True, p, keep=keep_intermediates(p, q),
                                       boundary=incoming)
         ctx.save_for_backward(q, k, v, beta, G, start[0], *(saved or ()))
-        ctx.plan, ctx.scale, ctx.group, ctx.algorithm = p, scale, group, algorithm
-        ctx.h0_dtype = None if h0 is None else h0.dtype
-        ctx.g_dtype = None if g is None else g.dtype
+        ctx.group, ctx.algorithm = group, algorithm
         return o, hT
 
     @staticmethod

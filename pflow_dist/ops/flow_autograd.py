@@ -16,20 +16,25 @@ __all__ = ["triton_chunk_flow", "triton_flow_map"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def prepare_forward(ctx, q, k, v, beta, g, h0, scale, rank_form, chunk_size):
+    """The kernels' view of rank-R shaped inputs: ``(plan, q, k, v, beta contiguous, G = in-chunk cumsum of g)``;
+    notes on ``ctx`` what the backward needs to cast its gradients back (plan, scale, dtypes of h0 and g)."""
+    B, T, H, R, K = k.shape
+    p = plan_chunks(B, T, H, R, K, v.shape[-1], chunk_size, rank_form)
+    ctx.plan, ctx.scale = p, scale
+    ctx.h0_dtype = None if h0 is None else h0.dtype
+    ctx.g_dtype = None if g is None else g.dtype
+    return p, q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), token_cumsum(g, p)
+
+
 class ChunkFlowFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, rank_form, output_final_state, chunk_size):
-        B, T, H, R, K = k.shape
-        p = plan_chunks(B, T, H, R, K, v.shape[-1], chunk_size, rank_form)
-        q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
-        G = token_cumsum(g, p)
+        p, q, k, v, beta, G = prepare_forward(ctx, q, k, v, beta, g, h0, scale, rank_form, chunk_size)
         h0f = None if h0 is None else h0.float().contiguous()
         keep = keep_intermediates(p, q)
         o, hT, saved = chunk_flow_fwd(q, k, v, beta, G, scale, h0f, output_final_state, p, keep=keep)
         ctx.save_for_backward(q, k, v, beta, G, h0f, *(saved or ()))
-        ctx.plan, ctx.scale = p, scale
-        ctx.h0_dtype = None if h0 is None else h0.dtype
-        ctx.g_dtype = None if g is None else g.dtype
         return o, hT
 
     @staticmethod
