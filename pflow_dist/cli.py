@@ -260,6 +260,46 @@ def scale(
     console.print(f"wrote {stem.with_suffix('.jsonl')}, {stem.with_suffix('.md')}, {png}")
 
 
+@app.command("sp-check")
+def sp_check(
+    world: Annotated[int, typer.Option(min=1, help="Ranks (processes; one GPU each on CUDA).")] = 2,
+    tokens: Annotated[int, typer.Option(min=1, help="The whole sequence's length T.")] = 4096,
+    batch: Annotated[int, typer.Option(min=1)] = 1,
+    heads: Annotated[int, typer.Option(min=1)] = 2,
+    dim: Annotated[int, typer.Option(min=1, help="Head dimension K = V.")] = 32,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 (or fp64 on the torch backend).")] = "fp32",
+    gated: Annotated[bool, typer.Option("--gated", help="The gated delta rule.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu (gloo) or cuda (NCCL).")] = None,
+    backend: Annotated[str, typer.Option(help="auto, triton or torch.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Append the rows to this JSONL file.")] = None,
+) -> None:
+    """Sequence-parallel flow on --world ranks against the single-device op on the whole sequence (fwd+bwd): the
+    relative RMS difference of every rank's output, gradients and final state; exits 1 if one is out of tolerance."""
+    import torch
+
+    from .bench.harness import write_jsonl
+    from .bench.sp_check import CheckConfig, check_sequence_parallel
+
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    try:
+        cfg = CheckConfig(world=world, tokens=tokens, batch=batch, heads=heads, dim=dim, dtype=_DTYPES[dtype],
+                          gated=gated, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                          backend=backend)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    with console.status(f"sp-check on {world} ranks, T={tokens}"):
+        rows = check_sequence_parallel(cfg)
+    for r in rows:
+        errs = ", ".join(f"{k} {v:.2e}" for k, v in r.extra["errors"].items())
+        verdict = "ok" if r.extra["ok"] else f"OUT OF TOLERANCE ({r.extra['tolerance']:g})"
+        console.print(f"rank {r.extra['rank']} ({r.shapes['q_local'][1]} tokens): {errs}: {verdict}", highlight=False)
+    if out is not None:
+        write_jsonl(rows, out)
+    if not all(r.extra["ok"] for r in rows):
+        raise typer.Exit(1)
+
+
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     """``"1,2,4"`` -> ``(1, 2, 4)``; a clear error for anything else."""
     try:
