@@ -186,14 +186,15 @@ class _SPAdjoint(torch.autograd.Function):
         trans = system.jacobian(shift(h_star, boundary), h_star)
         g = g.to(h_star.dtype).contiguous()
         lam = adjoint_scan(trans, g, backend)  # from zero beyond the shard
-        J = _dense(trans)
-        E = (J[:, 0].transpose(-1, -2) @ lam[:, 0].unsqueeze(-1)).squeeze(-1)
-        mu = incoming_state(ordered_product(J).transpose(-1, -2).contiguous(), E, None, group, reverse=True,
-                            algorithm=algorithm)
-        if rank < world - 1:
-            g = g.clone()
-            g[:, -1] += mu
-            lam = adjoint_scan(trans, g, backend)
+        if world > 1:  # (one rank: nothing beyond the shard)
+            J = _dense(trans)
+            E = (J[:, 0].transpose(-1, -2) @ lam[:, 0].unsqueeze(-1)).squeeze(-1)
+            mu = incoming_state(ordered_product(J).transpose(-1, -2).contiguous(), E, None, group, reverse=True,
+                                algorithm=algorithm)
+            if rank < world - 1:
+                g = g.clone()
+                g[:, -1] += mu
+                lam = adjoint_scan(trans, g, backend)
         dh0 = None if h0_meta is None else torch.zeros(h0_meta[0], dtype=h0_meta[1], device=h0_meta[2])
         return lam, None, dh0, None, None, None, None, None
 

@@ -128,9 +128,14 @@ def sp_affine(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | No
     :func:`shard_map` (a tree of n × n products, the price of any parallel dense scan) rather than materialise the
     ``T`` cumulative products.
 
+    A group of one rank runs one local scan from ``initial_state``.
+
     Returns:
         ``(h [B, T_p, n], h_in [B, n])`` in ``b``'s dtype (``h_in``: the state entering this shard).
     """
+    if group_rank_size(group)[1] == 1:
+        h0 = None if initial_state is None else initial_state.to(b.dtype)
+        return local_scan(a, b, h0), (b.new_zeros(b.shape[0], b.shape[-1]) if h0 is None else h0)
     diagonal = a.dim() == 3
     M, D = (torch.prod(a, dim=1), local_scan(a, b, None)[:, -1]) if diagonal else shard_map(a, b)
     h_in = incoming_state(M, D, initial_state, group, diagonal=diagonal, algorithm=algorithm)
@@ -149,8 +154,8 @@ def sp_scan(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sequence-parallel affine scan ``h_t = A_t h_{t-1} + b_t`` over the ranks of ``group``.
 
-    The local work is the scan op (:func:`pflow_dist.ops.scan.scan`): diagonal scans need one local pass
-    (``h = h⁰ + (Π_{s≤t} a_s) ⊙ h_in``), dense scans one tree for the shard's flow and one pass from ``h_in``.
+    The local work is the scan op (:func:`pflow_dist.ops.scan.scan`, see :func:`sp_affine`): a diagonal shard is
+    scanned from zero (its end state) and again from ``h_in``, a dense one takes a tree for its flow and one pass.
 
     Args:
         a: this rank's shard of the transitions, ``[B, T_p, N]`` (diagonal) or ``[B, T_p, N, N]`` (dense).

@@ -119,7 +119,7 @@ def _check(per_rank, cases):
             assert not bad, f"rank {rank} case {c}: {bad} (tolerance {tol:g})"
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sp_flow_equals_single_process(world):
     _check(run_distributed(_flow_worker, world, FLOW_CASES, timeout_s=240), FLOW_CASES)
 
@@ -130,7 +130,7 @@ def test_sp_flow_triton_equals_single_process(world):
     _check(run_distributed(_flow_worker, world, TRITON_CASES, timeout_s=400), TRITON_CASES)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_sp_scan_equals_single_process(world):
     _check(run_distributed(_scan_worker, world, SCAN_CASES, timeout_s=240), SCAN_CASES)
 
