@@ -195,8 +195,9 @@ def flow_map(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole sequence's affine flow: ``S_T = M S_0 + D`` for every initial state ``S_0``; differentiable.
 
-    This is what the sequence-parallel combine all-gathers: a rank's shard maps its incoming state to its outgoing
-    state by ``(M, D)`` (compose with :func:`pflow_dist.kernels.common.affine.compose`).
+    This is what the sequence-parallel combine exchanges: a rank's shard maps its incoming state to its outgoing
+    state by ``(M, D)`` (compose with :func:`pflow_dist.kernels.common.affine.compose`); ``sp_flow`` on the Triton
+    kernels takes the map from its own grouped state passes instead of calling this.
 
     Args:
         k, v, beta, g, rank_form, chunk_size, backend, check_finite: as in :func:`chunk_flow` (k fixes B, T, H, R,
