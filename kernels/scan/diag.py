@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOOP_MIN_SEQS", "SENTINEL", "diag_scan_triton", "diag_tile_config"]
+__all__ = ["LOOP_MIN_SEQS", "SENTINEL", "diag_scan_map", "diag_scan_triton", "diag_tile_config"]
 
 # A signalling-NaN bit pattern arithmetic never produces (GPUs return the canonical NaN 0x7FFFFFFF): "not published".
 SENTINEL = 0x7FA0DEAD
@@ -453,3 +453,30 @@ def diag_scan_triton(
                                                   PHASE=1, **common)
     last.copy_(last_)
     return out, last, da
+
+
+def diag_scan_map(a: torch.Tensor, b: torch.Tensor, *, block_t: int | None = None,
+                  block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole sequence's map of ``h_t = a_t ⊙ h_{t-1} + b_t``: ``h_T = M ⊙ h_0 + D`` (no autograd).
+
+    One read of ``a`` and ``b`` (the three-pass scan's first pass: every tile's map), then the tile maps folded: ``M``
+    by a product over tiles, ``D`` by a scan over them. Nothing of length T is written, where a scan from zero for
+    ``D`` writes all of h (the sequence-parallel DEER step needs only the shard's map before its real scan).
+
+    Args:
+        a, b: contiguous ``[B, T, N]`` (fp16/bf16/fp32), same dtype.
+
+    Returns:
+        ``(M [B, N], D [B, N])`` in float32.
+    """
+    B, T, N = b.shape
+    bt, bn, warps = diag_tile_config(N, block_t, block_n)
+    G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
+    agg_a = torch.empty(B, n_chunks, N, device=b.device, dtype=torch.float32)
+    agg_b = torch.empty_like(agg_a)
+    chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, agg_a, agg_a, agg_a, agg_a, agg_a, T, N, G,
+                                                  n_chunks, PHASE=0, REVERSE=False, HAS_DA=False, HAS_H0_DA=False,
+                                                  BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+    if n_chunks == 1:
+        return agg_a[:, 0], agg_b[:, 0]
+    return agg_a.prod(dim=1), diag_scan_triton(agg_a, agg_b, None, out_dtype=torch.float32)[1]

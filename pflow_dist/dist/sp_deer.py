@@ -7,8 +7,8 @@
 #      combine delivers it; after an iteration with NaN/Inf (reset to 0, DEER's heuristic) the ranks re-send their
 #      last states point-to-point instead;
 #   2. the linear recurrence of δ across ranks is dist/sp_ops.sp_affine over the scan op (scan_forward): quasi
-#      (diagonal) scans locally from zero and corrects by the cumulative product, δ = δ⁰ + (Π a) ⊙ δ_in; dense
-#      (newton, damped) composes the shard's flow (Π A_t, δ⁰_end) by a tree and scans once from δ_in;
+#      (diagonal) takes the shard's flow (Π a_t, δ⁰_end) from one read of the shard (ops.scan.scan_map), dense
+#      (newton, damped) composes it by a tree; then one scan from δ_in;
 #   3. one all-gather of (violation, #non-finite, failed) per iteration: every rank sees the same max violation and
 #      the same NaN/Inf verdict, so all ranks iterate, reset and stop together; a rank whose cell raised makes every
 #      rank raise (its own exception there, a RuntimeError naming it elsewhere) instead of leaving peers in a
@@ -49,7 +49,7 @@ from ..ops.deer import (
     solver_backends,
 )
 from ..ops.deer_cells import GRUSystem, shift
-from ..ops.scan import scan_forward, structured_dense
+from ..ops.scan import scan_forward, scan_map, structured_dense
 from .combine import ALGORITHMS, incoming_state
 from .comm import group_rank_size, send_recv
 from .sp_ops import ordered_product, sp_affine
@@ -134,8 +134,9 @@ class _Shard:
             a = h.new_full((B, T, n) if self.method == "quasi" else (B, T, n, n), float("nan"))
         kw = {"precision": "tf32"} if (self.backend == "triton" and a.dim() == 4) else {}
         local = lambda a_, b_, h0_: scan_forward(a_, b_, h0_, self.backend, **kw)[0]  # noqa: E731
+        local_map = (lambda a_, b_: scan_map(a_, b_, self.backend)) if a.dim() == 3 else None  # noqa: E731
         with torch.no_grad():
-            delta, d_in = sp_affine(a, res, None, self.group, local, self.algorithm)
+            delta, d_in = sp_affine(a, res, None, self.group, local, self.algorithm, local_map)
         if self.rank > 0:
             self.boundary = self.boundary + d_in  # the previous rank's last state moves by δ_{s_p - 1} = δ_in
             self.system.set_initial_state(self.boundary)

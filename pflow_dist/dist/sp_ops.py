@@ -114,10 +114,12 @@ def ordered_product(a: torch.Tensor) -> torch.Tensor:
 
 
 LocalScan = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+LocalMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def sp_affine(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None, group: ProcessGroup | None,
-              local_scan: LocalScan, algorithm: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+              local_scan: LocalScan, algorithm: str = "auto",
+              local_map: LocalMap | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sequence-parallel affine scan on top of a local scan ``local_scan(a, b, h0) -> h`` (the differentiable
     scan op for :func:`sp_scan`, the no-autograd ``scan_forward`` for the DEER Newton step).
 
@@ -126,7 +128,8 @@ def sp_affine(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | No
     h_in`` needs ``torch.cumprod`` along time, which CUDA runs as one sequential loop per channel: with it,
     ``sp_deer`` on one H200 took 2.34 s for fwd+bwd at T = 2^20, n = 8, 260 ms per Newton iteration.) Dense:
     :func:`shard_map` (a tree of n × n products, the price of any parallel dense scan) rather than materialise the
-    ``T`` cumulative products.
+    ``T`` cumulative products. ``local_map(a, b) -> (M, D)`` (diagonal only) replaces the reduction and the scan from
+    zero, e.g. :func:`~pflow_dist.ops.scan.scan_map` without autograd (one read of the shard, no h written).
 
     A group of one rank runs one local scan from ``initial_state``.
 
@@ -137,7 +140,12 @@ def sp_affine(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | No
         h0 = None if initial_state is None else initial_state.to(b.dtype)
         return local_scan(a, b, h0), (b.new_zeros(b.shape[0], b.shape[-1]) if h0 is None else h0)
     diagonal = a.dim() == 3
-    M, D = (torch.prod(a, dim=1), local_scan(a, b, None)[:, -1]) if diagonal else shard_map(a, b)
+    if not diagonal:
+        M, D = shard_map(a, b)
+    elif local_map is not None:
+        M, D = (x.to(b.dtype) for x in local_map(a, b))
+    else:
+        M, D = torch.prod(a, dim=1), local_scan(a, b, None)[:, -1]
     h_in = incoming_state(M, D, initial_state, group, diagonal=diagonal, algorithm=algorithm)
     return local_scan(a, b, h_in), h_in
 

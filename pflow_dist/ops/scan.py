@@ -19,7 +19,7 @@ from ..kernels.common.checks import check_tensor
 from ..kernels.scan.chunked import torch_scan, torch_scan_adjoint
 from ..kernels.scan.naive import check_scan_inputs
 
-__all__ = ["BACKENDS", "MAX_DENSE_TRITON", "scan", "scan_adjoint", "scan_forward", "structured_dense"]
+__all__ = ["BACKENDS", "MAX_DENSE_TRITON", "scan", "scan_adjoint", "scan_forward", "scan_map", "structured_dense"]
 
 BACKENDS = ("auto", "triton", "torch")
 MAX_DENSE_TRITON = 64
@@ -91,6 +91,21 @@ def scan_forward(
     A = structured_dense(coef, mats) if a is None else a
     h, hT = torch_scan(A.to(acc), b.to(acc), None if h0 is None else h0.to(acc))
     return h.to(out_dtype), hT
+
+
+def scan_map(a: torch.Tensor, b: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole sequence's map of a diagonal scan on a resolved backend, no autograd: ``h_T = M ⊙ h_0 + D`` with
+    ``(M [B, N], D [B, N])`` in float32 (float64 for float64 ``b``). Triton: one read of ``a`` and ``b``, nothing of
+    length T written (:func:`~pflow_dist.kernels.scan.diag.diag_scan_map`); torch: a product and a scan from zero.
+    """
+    if a.dim() != 3:
+        raise ValueError(f"scan_map takes a diagonal scan (a [B, T, N]), got a of shape {list(a.shape)}")
+    if backend == "triton":
+        from ..kernels.scan.diag import diag_scan_map  # noqa: PLC0415
+
+        return diag_scan_map(a.contiguous(), b.contiguous())
+    acc = _acc_dtype(b.dtype)
+    return torch.prod(a.to(acc), dim=1), torch_scan(a.to(acc), b.to(acc), None)[1]
 
 
 def scan_adjoint(

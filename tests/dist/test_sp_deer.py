@@ -35,6 +35,7 @@ CASES = [
     dict(cell="tanh", method="quasi", B=2, T=18, dtype=torch.float32, algorithm="allgather"),
     # the Triton scans (interpreter on CPU) as the inner step and in the adjoint
     dict(cell="gru", method="newton", B=2, T=22, dtype=torch.float32, algorithm="doubling", backend="triton"),
+    dict(cell="gru", method="quasi", B=2, T=26, dtype=torch.float32, algorithm="allgather", backend="triton"),
 ]
 I, N = 3, 5
 

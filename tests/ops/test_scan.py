@@ -110,6 +110,24 @@ def test_diag_triton_multi_tile(algorithm, publish, segment, T):
     assert_close("da", rda, da, 2e-5)
 
 
+@pytest.mark.parametrize("T", [5, 61, 150])
+def test_scan_map_is_the_sequence_map(T):
+    """``scan_map``: ``h_T = M ⊙ h_0 + D`` for every ``h_0``, from the tile maps (Triton: 8-step tiles, so 1, 8 and 19
+    tiles, the last one partial) and on the torch backend, against the float64 scan."""
+    from pflow_dist.ops.scan import scan_map
+
+    a, b, h0 = make(2, T, 6, True, torch.float32, seed=T)
+    rh, rT, _ = reference(a, b, h0, torch.zeros_like(b), torch.zeros_like(h0))
+    from pflow_dist.kernels.scan.diag import diag_scan_map
+
+    for M, D in (diag_scan_map(a, b, block_t=8, block_n=4), scan_map(a, b, "torch")):
+        assert M.shape == D.shape == h0.shape and M.dtype == torch.float32
+        assert_close("h_T from the map", rT, M * h0 + D, 2e-5)
+        assert_close("M", a.double().prod(dim=1), M, 2e-5)
+    with pytest.raises(ValueError, match="diagonal"):
+        scan_map(torch.zeros(1, 3, 2, 2), b[:1, :3, :2], "torch")
+
+
 @pytest.mark.parametrize("B,N,expect", [(16, 256, dict(algorithm="loop", block_n=16)),
                                          (1, 64, dict(algorithm="lookback", segment=8, block_t=64, num_stages=1)),
                                          (2, 32, dict(algorithm="lookback", segment=8, block_t=64, num_stages=1)),
