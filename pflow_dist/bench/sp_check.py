@@ -49,6 +49,9 @@ class CheckConfig:
             raise ValueError(f"dtype must be one of {sorted(TOLERANCE)}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and self.world > torch.cuda.device_count():
+            raise ValueError(f"{self.world} ranks need {self.world} GPUs (one per rank), "
+                             f"{torch.cuda.device_count()} visible")
 
 
 def _inputs(cfg: CheckConfig, device: torch.device) -> dict[str, torch.Tensor]:

@@ -40,5 +40,7 @@ def test_relative_rms_and_bad_input():
         _rel_rms(ref, torch.zeros(3))
     with pytest.raises(ValueError, match="tokens >= world"):
         CheckConfig(world=4, tokens=3)
+    with pytest.raises(ValueError, match="need 999 GPUs"):
+        CheckConfig(world=999, tokens=4096, device="cuda")
     res = CliRunner().invoke(app, ["sp-check", "--dtype", "int8"])
     assert res.exit_code != 0 and "expected one of" in res.output
