@@ -262,6 +262,8 @@ def scale(
 
 @app.command("sp-check")
 def sp_check(
+    op: Annotated[str, typer.Option(help="flow (sp_flow), scan (sp_scan over heads·dim channels) or deer (sp_deer, "
+                                         "a quasi-Newton GRU with dim units; fp32/fp64).")] = "flow",
     world: Annotated[int, typer.Option(min=1, help="Ranks (processes; one GPU each on CUDA).")] = 2,
     tokens: Annotated[int, typer.Option(min=1, help="The whole sequence's length T.")] = 4096,
     batch: Annotated[int, typer.Option(min=1)] = 1,
@@ -273,7 +275,7 @@ def sp_check(
     backend: Annotated[str, typer.Option(help="auto, triton or torch.")] = "auto",
     out: Annotated[Path | None, typer.Option(help="Append the rows to this JSONL file.")] = None,
 ) -> None:
-    """Sequence-parallel flow on --world ranks against the single-device op on the whole sequence (fwd+bwd): the
+    """A sequence-parallel op on --world ranks against the single-device op on the whole sequence (fwd+bwd): the
     relative RMS difference of every rank's output, gradients and final state; exits 1 if one is out of tolerance."""
     import torch
 
@@ -283,7 +285,7 @@ def sp_check(
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
     try:
-        cfg = CheckConfig(world=world, tokens=tokens, batch=batch, heads=heads, dim=dim, dtype=_DTYPES[dtype],
+        cfg = CheckConfig(op=op, world=world, tokens=tokens, batch=batch, heads=heads, dim=dim, dtype=_DTYPES[dtype],
                           gated=gated, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           backend=backend)
     except ValueError as e:
@@ -293,7 +295,7 @@ def sp_check(
     for r in rows:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in r.extra["errors"].items())
         verdict = "ok" if r.extra["ok"] else f"OUT OF TOLERANCE ({r.extra['tolerance']:g})"
-        console.print(f"rank {r.extra['rank']} ({r.shapes['q_local'][1]} tokens): {errs}: {verdict}", highlight=False)
+        console.print(f"rank {r.extra['rank']} ({r.shapes['local'][1]} tokens): {errs}: {verdict}", highlight=False)
     if out is not None:
         write_jsonl(rows, out)
     if not all(r.extra["ok"] for r in rows):

@@ -1,16 +1,20 @@
-"""``pflow-dist sp-check``: the sequence-parallel flow layer on P ranks against the single-device op on the whole
-sequence, at full size (issue 5: "correctness vs 1 GPU").
+"""``pflow-dist sp-check``: a sequence-parallel op on P ranks against the single-device op on the whole sequence, at
+full size (issue 5: "correctness vs 1 GPU").
 
-Every rank draws the same full inputs from one seed on its device, runs the flow op on the whole sequence (fwd+bwd,
-its own device: the "1 GPU" result) and keeps its slice, then runs ``sp_flow`` on its shard over the group; the row
-of each rank holds the relative RMS difference of its output, gradients (q, k, v, beta and g) and, on the last rank,
-the final state. Both sides run the same kernels in the same dtype, so the differences are rounding, from the other
-association of the chunk states across ranks; the tolerance is per dtype (``TOLERANCE``).
+Every rank draws the same full inputs from one seed on its device, runs the op on the whole sequence (fwd+bwd, its own
+device: the "1 GPU" result) and keeps its slice, then runs the sequence-parallel op on its shard over the group; the row
+of each rank holds the relative RMS difference of its output, every input gradient and, on the last rank, the final
+state. Ops: ``flow`` (``sp_flow`` vs ``chunk_flow``: q, k, v, beta, g), ``scan`` (``sp_scan`` vs ``scan``: a, b and
+the replicated initial state) and ``deer`` (``sp_deer`` vs ``deer_rnn``, quasi-Newton GRU: x and the GRU's parameter
+gradients, summed over the ranks as data-parallel training would). Flow and scan differ by rounding only (the chunk
+states associate differently across ranks); DEER also by where each Newton solve stopped within its tolerance. The
+tolerance is per dtype (``TOLERANCE``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -19,7 +23,9 @@ import torch.nn.functional as F
 from ..testing.distributed import run_distributed
 from .harness import BenchRow, command_line, device_name, versions
 
-__all__ = ["TOLERANCE", "CheckConfig", "check_sequence_parallel"]
+__all__ = ["OPS", "TOLERANCE", "CheckConfig", "check_sequence_parallel"]
+
+OPS = ("flow", "scan", "deer")
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2, "float16": 1e-2}  # relative RMS, per tensor
 
@@ -28,6 +34,7 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2, "float16": 1e-
 class CheckConfig:
     """One check: ``world`` ranks, a sequence of ``tokens`` (any T ≥ world), ``[B, T, H, D]`` inputs."""
 
+    op: str = "flow"
     world: int = 2
     tokens: int = 4096
     batch: int = 1
@@ -45,8 +52,10 @@ class CheckConfig:
             raise ValueError(f"need world >= 1 and tokens >= world, got world={self.world}, tokens={self.tokens}")
         if min(self.batch, self.heads, self.dim, self.chunk_size) < 1:
             raise ValueError("batch, heads, dim and chunk_size must be >= 1")
-        if self.dtype not in TOLERANCE:
-            raise ValueError(f"dtype must be one of {sorted(TOLERANCE)}, got {self.dtype!r}")
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if self.dtype not in TOLERANCE or (self.op == "deer" and self.dtype not in ("float32", "float64")):
+            raise ValueError(f"dtype must be one of {sorted(TOLERANCE)} (deer: float32 or float64), got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and self.world > torch.cuda.device_count():
@@ -54,18 +63,53 @@ class CheckConfig:
                              f"{torch.cuda.device_count()} visible")
 
 
-def _inputs(cfg: CheckConfig, device: torch.device) -> dict[str, torch.Tensor]:
+@dataclass
+class _Problem:
+    """One op's check: full inputs (``sharded`` ones are cut along dim 1, ``replicated`` ones are the same tensor on
+    every rank), the output and final-state gradients, the op on the whole sequence and on a shard, its parameters."""
+
+    inputs: dict[str, torch.Tensor]
+    sharded: list[str]
+    replicated: list[str]
+    do: torch.Tensor
+    dS: torch.Tensor
+    full: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    shard: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    params: list[torch.Tensor] = field(default_factory=list)
+
+
+def _problem(cfg: CheckConfig, device: torch.device) -> _Problem:
+    from ..dist import sp_deer, sp_flow, sp_scan  # noqa: PLC0415
+    from ..ops.deer import deer_rnn  # noqa: PLC0415
+    from ..ops.flow import chunk_flow  # noqa: PLC0415
+    from ..ops.scan import scan  # noqa: PLC0415
+
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     dt = getattr(torch, cfg.dtype)
+    state_dt = torch.float64 if dt == torch.float64 else torch.float32  # gates and states: fp32 at least
     B, T, H, D = cfg.batch, cfg.tokens, cfg.heads, cfg.dim
     r = lambda *s, dt=dt: torch.randn(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
-    x = {"q": r(B, T, H, D), "k": F.normalize(r(B, T, H, D), dim=-1), "v": r(B, T, H, D),
-         "beta": torch.rand(B, T, H, generator=gen, device=device, dtype=dt)}
-    state_dt = torch.float64 if dt == torch.float64 else torch.float32  # the gate and the state: fp32 at least
+    u = lambda *s, dt=dt: torch.rand(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
+    group = dist.group.WORLD
+    if cfg.op == "scan":
+        N = H * D
+        x = {"a": 0.5 + 0.5 * u(B, T, N), "b": r(B, T, N), "initial_state": r(B, N)}
+        kw = dict(output_final_state=True, backend=cfg.backend)
+        return _Problem(x, ["a", "b"], ["initial_state"], r(B, T, N), r(B, N, dt=state_dt),
+                        lambda **t: scan(**t, **kw), lambda **t: sp_scan(**t, group=group, **kw))
+    if cfg.op == "deer":
+        torch.manual_seed(cfg.seed)
+        gru = torch.nn.GRU(D, D, batch_first=True).to(device=device, dtype=dt)
+        kw = dict(method="quasi", backend=cfg.backend)
+        return _Problem({"x": r(B, T, D)}, ["x"], [], r(B, T, D), r(B, D),
+                        lambda x: deer_rnn(gru, x, **kw)[:2], lambda x: sp_deer(gru, x, group=group, **kw)[:2],
+                        list(gru.parameters()))
+    x = {"q": r(B, T, H, D), "k": F.normalize(r(B, T, H, D), dim=-1), "v": r(B, T, H, D), "beta": u(B, T, H)}
     if cfg.gated:
         x["g"] = F.logsigmoid(r(B, T, H, dt=state_dt) + 4)
-    x["do"], x["dS"] = r(B, T, H, D), r(B, H, D, D, dt=state_dt)
-    return x
+    kw = dict(chunk_size=cfg.chunk_size, backend=cfg.backend, check_finite=False, output_final_state=True)
+    return _Problem(x, list(x), [], r(B, T, H, D), r(B, H, D, D, dt=state_dt),
+                    lambda **t: chunk_flow(**t, **kw), lambda **t: sp_flow(**t, group=group, **kw))
 
 
 def _rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -78,37 +122,41 @@ def _rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:
     return (num / den).item() if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
-def _run(fn, leaves: dict[str, torch.Tensor], do: torch.Tensor, dS: torch.Tensor | None):
-    """Output, final state and the gradients of ``<o, do> + <S, dS>`` for the leaves."""
+def _run(fn, leaves: dict[str, torch.Tensor], params: list[torch.Tensor], do: torch.Tensor,
+         dS: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Output, final state and the gradients of ``<o, do> + <S, dS>`` for the leaves and the parameters."""
     o, S = fn(**leaves)
-    loss = (o.to(S.dtype) * do.to(S.dtype)).sum() + ((S * dS).sum() if dS is not None else 0)
-    return o.detach(), S.detach(), dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+    loss = (o.to(S.dtype) * do.to(S.dtype)).sum() + ((S * dS.to(S.dtype)).sum() if dS is not None else 0)
+    grads = torch.autograd.grad(loss, [*leaves.values(), *params])
+    return o.detach(), S.detach(), dict(zip(leaves, grads, strict=False)), list(grads[len(leaves):])
 
 
 def _worker(rank: int, world: int, cfg: CheckConfig) -> dict:
-    from ..dist import shard_bounds, sp_flow  # noqa: PLC0415
-    from ..ops.flow import chunk_flow  # noqa: PLC0415
+    from ..dist import shard_bounds  # noqa: PLC0415
 
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    x = _inputs(cfg, device)
-    names = ["q", "k", "v", "beta"] + (["g"] if cfg.gated else [])
+    pb = _problem(cfg, device)
     s, e = shard_bounds(cfg.tokens, world)[rank]
     last = rank == world - 1
-    kw = dict(chunk_size=cfg.chunk_size, backend=cfg.backend, check_finite=False, output_final_state=True)
+    names = pb.sharded + pb.replicated
+    cut = lambda n, t: t if n in pb.replicated else t[:, s:e]  # noqa: E731
 
-    leaves = {n: x[n].clone().requires_grad_(True) for n in names}
-    o, S, grads = _run(lambda **t: chunk_flow(**t, **kw), leaves, x["do"], x["dS"])
-    ref = {"o": o[:, s:e].clone(), **{"d" + n: grads[n][:, s:e].clone() for n in names}}
+    leaves = {n: pb.inputs[n].clone().requires_grad_(True) for n in names}
+    o, S, grads, pgrads = _run(pb.full, leaves, pb.params, pb.do, pb.dS)
+    ref = {"o": o[:, s:e].clone(), **{"d" + n: cut(n, grads[n]).clone() for n in names}}
+    ref.update({f"dparam{i}": g for i, g in enumerate(pgrads)})
     if last:
         ref["final_state"] = S
     del leaves, o, S, grads  # the whole sequence's graph and gradients are gone before the shard runs
 
-    leaves = {n: x[n][:, s:e].clone().requires_grad_(True) for n in names}
-    o_p, S_p, grads_p = _run(lambda **t: sp_flow(**t, group=dist.group.WORLD, **kw), leaves, x["do"][:, s:e],
-                             x["dS"] if last else None)
+    leaves = {n: cut(n, pb.inputs[n]).clone().requires_grad_(True) for n in names}
+    o_p, S_p, grads_p, pgrads_p = _run(pb.shard, leaves, pb.params, pb.do[:, s:e], pb.dS if last else None)
     got = {"o": o_p, **{"d" + n: grads_p[n] for n in names}}
+    for i, g in enumerate(pgrads_p):  # a sequence-parallel layer's parameter gradients are per-shard partial sums
+        dist.all_reduce(g)
+        got[f"dparam{i}"] = g
     if last:
         got["final_state"] = S_p
     errors = {k: _rel_rms(ref[k], got[k]) for k in ref}
@@ -129,12 +177,13 @@ def check_sequence_parallel(cfg: CheckConfig) -> list[BenchRow]:
     outs = run_distributed(_worker, cfg.world, cfg, backend="nccl" if cfg.device == "cuda" else "gloo",
                            timeout_s=1800, collective_timeout_s=600)
     tol, rows = TOLERANCE[cfg.dtype], []
-    case = f"P{cfg.world}-T{cfg.tokens}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}" + ("-gated" if cfg.gated else "")
+    case = (f"{'' if cfg.op == 'flow' else cfg.op + '-'}P{cfg.world}-T{cfg.tokens}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}"
+            + ("-gated" if cfg.gated else ""))
     for rank, out in enumerate(outs):
         worst = max(out["errors"].values())
         rows.append(BenchRow(
             bench="sp-check", case=case, mode="fwd+bwd", impl="ours", device=out["device"], dtype=cfg.dtype,
-            shapes={"q_local": [cfg.batch, out["tokens"], cfg.heads, cfg.dim]}, median_ms=None, p20_ms=None,
+            shapes={"local": [cfg.batch, out["tokens"], cfg.heads, cfg.dim]}, median_ms=None, p20_ms=None,
             p80_ms=None, n_rep=1, peak_mem_bytes=out["peak_mem_bytes"] if out["peak_mem_bytes"] >= 0 else None,
             versions=versions(), command=command_line(),
             extra={"rank": rank, "errors": out["errors"], "worst": worst, "tolerance": tol, "ok": worst <= tol,
