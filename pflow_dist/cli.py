@@ -267,8 +267,8 @@ def sp_check(
     world: Annotated[int, typer.Option(min=1, help="Ranks (processes; one GPU each on CUDA).")] = 2,
     tokens: Annotated[int, typer.Option(min=1, help="The whole sequence's length T.")] = 4096,
     batch: Annotated[int, typer.Option(min=1)] = 1,
-    heads: Annotated[int, typer.Option(min=1)] = 2,
-    dim: Annotated[int, typer.Option(min=1, help="Head dimension K = V.")] = 32,
+    heads: Annotated[int | None, typer.Option(min=1, help="Heads (default 2; deer: 1).")] = None,
+    dim: Annotated[int, typer.Option(min=1, help="Head dimension K = V (deer: the GRU's units).")] = 32,
     dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 (or fp64 on the torch backend).")] = "fp32",
     gated: Annotated[bool, typer.Option("--gated", help="The gated delta rule.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu (gloo) or cuda (NCCL).")] = None,
@@ -285,9 +285,10 @@ def sp_check(
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
     try:
-        cfg = CheckConfig(op=op, world=world, tokens=tokens, batch=batch, heads=heads, dim=dim, dtype=_DTYPES[dtype],
-                          gated=gated, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                          backend=backend)
+        cfg = CheckConfig(op=op, world=world, tokens=tokens, batch=batch,
+                          heads=heads if heads is not None else (1 if op == "deer" else 2), dim=dim,
+                          dtype=_DTYPES[dtype], gated=gated,
+                          device=device or ("cuda" if torch.cuda.is_available() else "cpu"), backend=backend)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     with console.status(f"sp-check on {world} ranks, T={tokens}"):

@@ -32,7 +32,8 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2, "float16": 1e-
 
 @dataclass(frozen=True)
 class CheckConfig:
-    """One check: ``world`` ranks, a sequence of ``tokens`` (any T ≥ world), ``[B, T, H, D]`` inputs."""
+    """One check: ``world`` ranks, a sequence of ``tokens`` (any T ≥ world); flow inputs ``[B, T, H, D]``, scan
+    ``[B, T, H·D]``, deer ``[B, T, D]`` (heads = 1)."""
 
     op: str = "flow"
     world: int = 2
@@ -58,6 +59,10 @@ class CheckConfig:
             raise ValueError(f"dtype must be one of {sorted(TOLERANCE)} (deer: float32 or float64), got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.gated and self.op != "flow":
+            raise ValueError(f"gated is a flow option, got op={self.op!r}")
+        if self.op == "deer" and self.heads != 1:
+            raise ValueError(f"op 'deer' takes heads=1 (one GRU of dim units), got heads={self.heads}")
         if self.device == "cuda" and self.world > torch.cuda.device_count():
             raise ValueError(f"{self.world} ranks need {self.world} GPUs (one per rank), "
                              f"{torch.cuda.device_count()} visible")
@@ -179,11 +184,12 @@ def check_sequence_parallel(cfg: CheckConfig) -> list[BenchRow]:
     tol, rows = TOLERANCE[cfg.dtype], []
     case = (f"{'' if cfg.op == 'flow' else cfg.op + '-'}P{cfg.world}-T{cfg.tokens}-B{cfg.batch}-H{cfg.heads}-D{cfg.dim}"
             + ("-gated" if cfg.gated else ""))
+    local = {"flow": [cfg.heads, cfg.dim], "scan": [cfg.heads * cfg.dim], "deer": [cfg.dim]}  # a shard: [B, T_p, ...]
     for rank, out in enumerate(outs):
         worst = max(out["errors"].values())
         rows.append(BenchRow(
             bench="sp-check", case=case, mode="fwd+bwd", impl="ours", device=out["device"], dtype=cfg.dtype,
-            shapes={"local": [cfg.batch, out["tokens"], cfg.heads, cfg.dim]}, median_ms=None, p20_ms=None,
+            shapes={"local": [cfg.batch, out["tokens"], *local[cfg.op]]}, median_ms=None, p20_ms=None,
             p80_ms=None, n_rep=1, peak_mem_bytes=out["peak_mem_bytes"] if out["peak_mem_bytes"] >= 0 else None,
             versions=versions(), command=command_line(),
             extra={"rank": rank, "errors": out["errors"], "worst": worst, "tolerance": tol, "ok": worst <= tol,

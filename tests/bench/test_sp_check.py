@@ -53,6 +53,10 @@ def test_relative_rms_and_bad_input():
         CheckConfig(world=4, tokens=3)
     with pytest.raises(ValueError, match="deer: float32 or float64"):
         CheckConfig(op="deer", dtype="bfloat16")
+    with pytest.raises(ValueError, match="gated is a flow option"):
+        CheckConfig(op="scan", gated=True)
+    with pytest.raises(ValueError, match="takes heads=1"):
+        CheckConfig(op="deer", heads=2)
     with pytest.raises(ValueError, match="op must be one of"):
         CheckConfig(op="gru")
     with pytest.raises(ValueError, match="need 999 GPUs"):
