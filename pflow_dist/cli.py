@@ -214,7 +214,7 @@ def scale(
     sizes, token_list, batch_list = (_int_list(v, name) for v, name in
                                      ((world, "--world"), (tokens, "--tokens"), (batch, "--batch")))
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    heads = heads if heads is not None else (1 if op == "deer" else 2)
+    heads = _default_heads(heads, op)
     in_job = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     if in_job and not dist.is_initialized():
         if dev == "cuda":
@@ -286,7 +286,7 @@ def sp_check(
         raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
     try:
         cfg = CheckConfig(op=op, world=world, tokens=tokens, batch=batch,
-                          heads=heads if heads is not None else (1 if op == "deer" else 2), dim=dim,
+                          heads=_default_heads(heads, op), dim=dim,
                           dtype=_DTYPES[dtype], gated=gated,
                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"), backend=backend)
     except ValueError as e:
@@ -301,6 +301,11 @@ def sp_check(
         write_jsonl(rows, out)
     if not all(r.extra["ok"] for r in rows):
         raise typer.Exit(1)
+
+
+def _default_heads(heads: int | None, op: str) -> int:
+    """``--heads`` when given, else 1 for deer (one GRU) and 2 for flow and scan."""
+    return heads if heads is not None else (1 if op == "deer" else 2)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ from .harness import BenchRow, command_line, device_name, versions
 from .scaling_report import markdown_table, plot, point_line  # the sweep's reports, re-exported
 
 __all__ = ["ScaleConfig", "comm_bytes", "failure_text", "find_longest", "is_out_of_memory", "longest_search",
-           "markdown_table", "plot", "point_line", "run_scaling", "run_sweep", "sweep_configs"]
+           "markdown_table", "op_inputs", "plot", "point_line", "run_scaling", "run_sweep", "sweep_configs"]
 
 MODES = ("weak", "strong", "longest")
 IMPLS = ("ours", "fla-cp")
@@ -210,33 +210,44 @@ def _worker(rank: int, world: int, cfg: ScaleConfig, impl: str = "ours") -> dict
     return _measure(rank, world, cfg, impl, dist.group.WORLD, device)
 
 
+OUTPUT_LIKE = {"flow": "v", "scan": "b", "deer": "x"}  # the input whose shape and dtype the op's output has
+
+
+def op_inputs(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+              gen: torch.Generator, gated: bool = False) -> dict[str, torch.Tensor]:
+    """The inputs of a sequence-parallel op as the scaling runs and ``sp-check`` draw them, on ``device`` from
+    ``gen`` in ``dtype`` (on the host, 2^20 tokens × 16 heads × 128 took minutes per point).
+
+    Args:
+        op: ``"flow"``: ``q, k, v [B, T, H, D]`` (k L2-normalised), ``beta [B, T, H]`` in (0, 1) and, when ``gated``,
+            ``g = logsigmoid(N(4, 1)) [B, T, H]`` (float32, float64 for float64); ``"scan"``: decays ``a`` in
+            (0.5, 1) (a long memory, as in the recurrences it stands for) and ``b``, both ``[B, T, H·D]``;
+            ``"deer"``: ``x [B, T, D]``.
+        shape: ``(B, T, H, D)``.
+    """
+    B, T, H, D = shape
+    r = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=gen, device=device, dtype=dtype)  # noqa: E731
+    if op == "scan":
+        return {"a": 0.5 + 0.5 * u(B, T, H * D), "b": r(B, T, H * D)}
+    if op == "deer":
+        return {"x": r(B, T, D)}
+    x = {"q": r(B, T, H, D), "k": F.normalize(r(B, T, H, D), dim=-1), "v": r(B, T, H, D), "beta": u(B, T, H)}
+    if gated:
+        x["g"] = F.logsigmoid(r(B, T, H, dt=torch.float64 if dtype == torch.float64 else torch.float32) + 4)
+    return x
+
+
 def _measure(rank: int, world: int, cfg: ScaleConfig, impl: str, group: dist.ProcessGroup,
              device: torch.device) -> dict:
     """Time ``impl`` on this rank's shard over ``group`` (``world`` ranks, this one is ``rank`` in it); the slowest
     rank's median and the largest peak memory."""
-    dtype = getattr(torch, cfg.dtype)
     T_local = cfg.total_tokens(world) // world + (1 if rank < cfg.total_tokens(world) % world else 0)
-    # drawn on the device, in the op's dtype: on the host, 2^20 tokens × 16 heads × 128 took minutes per point
     gen = torch.Generator(device=device).manual_seed(rank)
-    B, H, D = cfg.batch, cfg.heads, cfg.dim
-    mk = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
-    unif = lambda *s, dt=dtype: torch.rand(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
-    g = None
-    if cfg.op == "scan":  # decays in (0.5, 1): a long memory, as in the recurrences it stands for
-        a = 0.5 + 0.5 * unif(B, T_local, H * D)
-        leaves = [a.requires_grad_(True), mk(B, T_local, H * D).requires_grad_(True)]
-        do = mk(B, T_local, H * D)
-    elif cfg.op == "deer":
-        leaves = [mk(B, T_local, D).requires_grad_(True)]
-        do = mk(B, T_local, D)
-    else:
-        q, v = mk(B, T_local, H, D), mk(B, T_local, H, D)
-        k = F.normalize(mk(B, T_local, H, D), dim=-1)
-        beta = unif(B, T_local, H)
-        if cfg.gated:
-            g = F.logsigmoid(mk(B, T_local, H, dt=torch.float32) + 4)  # fp32, ≤ 0
-        leaves = [x.requires_grad_(True) for x in (q, k, v, beta)]
-        do = mk(B, T_local, H, D)
+    x = op_inputs(cfg.op, (cfg.batch, T_local, cfg.heads, cfg.dim), getattr(torch, cfg.dtype), device, gen, cfg.gated)
+    g = x.pop("g", None)  # the gate is an input, not a leaf, in the timed step
+    do = torch.randn(x[OUTPUT_LIKE[cfg.op]].shape, generator=gen, device=device, dtype=x[OUTPUT_LIKE[cfg.op]].dtype)
+    leaves = [t.requires_grad_(True) for t in x.values()]
     iterations: list[int] = []
     layer = _layer(cfg, impl, world, device, group, iterations)
 

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..testing.distributed import run_distributed
 from .harness import BenchRow, command_line, device_name, versions
+from .scaling import OUTPUT_LIKE, op_inputs
 
 __all__ = ["OPS", "TOLERANCE", "CheckConfig", "check_sequence_parallel"]
 
@@ -91,29 +91,26 @@ def _problem(cfg: CheckConfig, device: torch.device) -> _Problem:
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     dt = getattr(torch, cfg.dtype)
-    state_dt = torch.float64 if dt == torch.float64 else torch.float32  # gates and states: fp32 at least
-    B, T, H, D = cfg.batch, cfg.tokens, cfg.heads, cfg.dim
+    state_dt = torch.float64 if dt == torch.float64 else torch.float32  # states: fp32 at least
+    B, T, H, D = shape = cfg.batch, cfg.tokens, cfg.heads, cfg.dim
+    x = op_inputs(cfg.op, shape, dt, device, gen, cfg.gated)
     r = lambda *s, dt=dt: torch.randn(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
-    u = lambda *s, dt=dt: torch.rand(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
+    do = r(*x[OUTPUT_LIKE[cfg.op]].shape)
     group = dist.group.WORLD
     if cfg.op == "scan":
-        N = H * D
-        x = {"a": 0.5 + 0.5 * u(B, T, N), "b": r(B, T, N), "initial_state": r(B, N)}
+        x["initial_state"] = r(B, H * D)
         kw = dict(output_final_state=True, backend=cfg.backend)
-        return _Problem(x, ["a", "b"], ["initial_state"], r(B, T, N), r(B, N, dt=state_dt),
+        return _Problem(x, ["a", "b"], ["initial_state"], do, r(B, H * D, dt=state_dt),
                         lambda **t: scan(**t, **kw), lambda **t: sp_scan(**t, group=group, **kw))
     if cfg.op == "deer":
         torch.manual_seed(cfg.seed)
         gru = torch.nn.GRU(D, D, batch_first=True).to(device=device, dtype=dt)
         kw = dict(method="quasi", backend=cfg.backend)
-        return _Problem({"x": r(B, T, D)}, ["x"], [], r(B, T, D), r(B, D),
+        return _Problem(x, ["x"], [], do, r(B, D),
                         lambda x: deer_rnn(gru, x, **kw)[:2], lambda x: sp_deer(gru, x, group=group, **kw)[:2],
                         list(gru.parameters()))
-    x = {"q": r(B, T, H, D), "k": F.normalize(r(B, T, H, D), dim=-1), "v": r(B, T, H, D), "beta": u(B, T, H)}
-    if cfg.gated:
-        x["g"] = F.logsigmoid(r(B, T, H, dt=state_dt) + 4)
     kw = dict(chunk_size=cfg.chunk_size, backend=cfg.backend, check_finite=False, output_final_state=True)
-    return _Problem(x, list(x), [], r(B, T, H, D), r(B, H, D, D, dt=state_dt),
+    return _Problem(x, list(x), [], do, r(B, H, D, D, dt=state_dt),
                     lambda **t: chunk_flow(**t, **kw), lambda **t: sp_flow(**t, group=group, **kw))
 
 

@@ -59,8 +59,7 @@ class _SPFlowFunction(torch.autograd.Function):
             lam_next = _combine(Phi, apply_map((Phi, E), u), None, group, True, False, algorithm)
             return u + lam_next
 
-        rank, world = group_rank_size(group)
-        need_dh0 = ctx.h0_dtype is not None and rank == 0
+        need_dh0 = ctx.h0_dtype is not None and group_rank_size(group)[0] == 0
         dq, dk, dv, dbeta, dg, dS_in = chunk_flow_bwd(
             q, k, v, beta, G, ctx.scale, S_in, do.contiguous(), None, ctx.plan, need_dh0=need_dh0,
             saved=saved or None, boundary=outgoing,

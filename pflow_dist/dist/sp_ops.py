@@ -66,11 +66,11 @@ def sp_flow(
     if group_rank_size(group)[1] == 1:
         return chunk_flow(q, k, v, beta, g, rank_form, scale, initial_state, output_final_state, chunk_size, backend,
                           check_finite)
-    d = _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend)
     if _resolve_backend(backend, q.device) == "triton":
         from ..ops.flow_autograd import _check_kernel_dtype  # noqa: PLC0415 - kernels import only when used
         from .sp_flow_triton import triton_sp_flow  # noqa: PLC0415
 
+        d = _validate(q, k, v, beta, g, initial_state, rank_form, scale, chunk_size, backend)
         _check_kernel_dtype(q)
         counts = _nonfinite_counts(beta, g) if check_finite else None
         o, S = triton_sp_flow(q, k, v, beta, g, rank_form, d.K**-0.5 if scale is None else float(scale),
