@@ -224,7 +224,12 @@ def op_inputs(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, dev
             (0.5, 1) (a long memory, as in the recurrences it stands for) and ``b``, both ``[B, T, H·D]``;
             ``"deer"``: ``x [B, T, D]``.
         shape: ``(B, T, H, D)``.
+
+    Raises:
+        ValueError: an unknown op.
     """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     B, T, H, D = shape
     r = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device=device, dtype=dt)  # noqa: E731
     u = lambda *s: torch.rand(*s, generator=gen, device=device, dtype=dtype)  # noqa: E731

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pflow_dist.bench.harness import read_jsonl
@@ -18,6 +19,7 @@ from pflow_dist.bench.scaling import (
     is_out_of_memory,
     longest_search,
     markdown_table,
+    op_inputs,
     plot,
     point_line,
     run_scaling,
@@ -302,3 +304,16 @@ def test_gated_forward_sweep_and_error_rows_in_the_table(tmp_path):
     table = markdown_table([*rows, failed])
     assert "| fla-cp | 2 | 80 | 1 | error: RuntimeError: refused" in table
     assert plot([*rows, failed], tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_op_inputs_shapes_and_ranges():
+    gen = torch.Generator().manual_seed(0)
+    x = op_inputs("flow", (2, 5, 3, 4), torch.float32, torch.device("cpu"), gen, gated=True)
+    assert {k: list(v.shape) for k, v in x.items()} == {"q": [2, 5, 3, 4], "k": [2, 5, 3, 4], "v": [2, 5, 3, 4],
+                                                        "beta": [2, 5, 3], "g": [2, 5, 3]}
+    assert torch.allclose(x["k"].norm(dim=-1), torch.ones(2, 5, 3)) and bool((x["g"] <= 0).all())
+    a = op_inputs("scan", (2, 5, 3, 4), torch.float64, torch.device("cpu"), gen)["a"]
+    assert a.shape == (2, 5, 12) and a.dtype == torch.float64 and bool(((a >= 0.5) & (a <= 1)).all())
+    assert op_inputs("deer", (2, 5, 1, 4), torch.float32, torch.device("cpu"), gen)["x"].shape == (2, 5, 4)
+    with pytest.raises(ValueError, match="op must be one of"):
+        op_inputs("gru", (1, 1, 1, 1), torch.float32, torch.device("cpu"), gen)
