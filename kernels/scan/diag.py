@@ -5,6 +5,9 @@
 #
 # Layout [B, T, N] with N contiguous: a program owns a tile of BLOCK_T steps × BLOCK_N channels (rows of ≥ 64 bytes
 # keep the loads coalesced), scans it from zero with tl.associative_scan and needs the state entering the tile.
+# Channel-major memory (a [B, T, N] tensor stored [B, N, T], T contiguous: accelerated-scan's layout) runs through the
+# same kernels with the CM constexpr: a tile is then BLOCK_N runs of BLOCK_T consecutive steps (kernels/scan/
+# diag_tiles.py holds the tile pieces of both layouts).
 # Three ways to get it (chosen by shape, see diag_scan_triton):
 # - "loop": one program per (sequence, channel group) walks the sequence tile after tile, carrying the state
 #   (accelerated-scan's design): one pass, no communication; needs B · channel groups ≥ LOOP_MIN_SEQS to fill the GPU.
@@ -34,81 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .diag_tiles import _combine_recent_first, _last_row, _load_tile, _scan_tile, _scan_tiles, _store_tile
+
 __all__ = ["LOOP_MIN_SEQS", "SENTINEL", "diag_scan_map", "diag_scan_triton", "diag_tile_config"]
 
 # A signalling-NaN bit pattern arithmetic never produces (GPUs return the canonical NaN 0x7FFFFFFF): "not published".
 SENTINEL = 0x7FA0DEAD
 _SENT = tl.constexpr(SENTINEL)  # jit functions may only read constexpr globals
 
-
-@triton.jit
-def _combine(a1, b1, a2, b2):
-    # "first (a1, b1), then (a2, b2)": kernels/common/affine.py compose, diagonal case.
-    return a2 * a1, a2 * b1 + b2
-
-
-@triton.jit
-def _combine_recent_first(a1, b1, a2, b2):
-    # the same composition for maps listed newest first (look-back windows): "first (a2, b2), then (a1, b1)".
-    return a1 * a2, a1 * b2 + b1
-
-
-@triton.jit
-def _last_row(x, rows, n_rows: tl.constexpr):
-    return tl.sum(tl.where(rows[:, None] == n_rows - 1, x, 0.0), axis=0)
-
-
-@triton.jit
-def _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Load one tile in scan order as fp32 (a, b), with the identity (1, 0) past the end; also return its times."""
-    s = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid = s < T
-    if REVERSE:
-        t = T - 1 - s
-        ta = t + 1  # the adjoint uses the next step's gate; a_T := 1
-    else:
-        t = s
-        ta = s
-    m = valid[:, None] & mask_n[None, :]
-    rows = base + t.to(tl.int64) * N
-    b = tl.load(b_ptr + rows[:, None] + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
-    rows_a = base + ta.to(tl.int64) * N
-    a = tl.load(a_ptr + rows_a[:, None] + offs_n[None, :], mask=m & (ta < T)[:, None], other=1.0).to(tl.float32)
-    return a, b, t, m
-
-
-@triton.jit
-def _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
-                HAS_DA: tl.constexpr):
-    """h = A_loc ⊙ carry + B_loc at its times; in the adjoint also da_t = λ_t ⊙ h_{t-1} (h_0 = initial state)."""
-    out = A_loc * carry[None, :] + B_loc
-    rows = base + t.to(tl.int64) * N
-    tl.store(h_ptr + rows[:, None] + offs_n[None, :], out.to(h_ptr.dtype.element_ty), mask=m)
-    if HAS_DA:
-        prev_rows = base + (t - 1).to(tl.int64) * N
-        hp = tl.load(hprev_ptr + prev_rows[:, None] + offs_n[None, :], mask=m & (t >= 1)[:, None], other=0.0)
-        hp = hp.to(tl.float32)
-        if HAS_H0_DA:
-            h0 = tl.load(h0_ptr + bi.to(tl.int64) * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            hp = tl.where((t == 0)[:, None], h0[None, :], hp)
-        tl.store(da_ptr + rows[:, None] + offs_n[None, :], (out * hp).to(da_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _scan_tiles(carry, first, n_tiles, a_ptr, b_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr, base, bi, T, N, offs_n, mask_n,
-                REVERSE: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0_DA: tl.constexpr, BLOCK_T: tl.constexpr,
-                NUM_STAGES: tl.constexpr):
-    """Scan tiles ``first .. first + n_tiles - 1`` of one sequence in order from the state ``carry`` entering the
-    first, storing h (and da); returns the state leaving the last. Tile addresses do not depend on the carry, so the
-    compiler prefetches NUM_STAGES tiles ahead."""
-    rows_t = tl.arange(0, BLOCK_T)
-    for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
-        a, b, t, m = _load_tile(a_ptr, b_ptr, base, first + i, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
-        A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
-        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
-                    HAS_DA)
-        carry = _last_row(A_loc, rows_t, BLOCK_T) * carry + _last_row(B_loc, rows_t, BLOCK_T)
-    return carry
 
 
 @triton.jit
@@ -117,7 +53,8 @@ def _lookback_diag_scan(
     T, N, G, n_chunks, n_seq,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr,
     HAS_H0_DA: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_STAGES: tl.constexpr,
+    CM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # A program owns SEG consecutive tiles of one sequence ("chunk" below counts these segments; n_chunks of them).
     # SEG = 1: the tile stays in registers from its aggregate to its store. SEG > 1: the aggregate is streamed over
@@ -130,21 +67,17 @@ def _lookback_diag_scan(
     offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     base = bi.to(tl.int64) * T * N
-    rows_t = tl.arange(0, BLOCK_T)
     if SEG == 1:
-        a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
-        A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
-        agg_a = _last_row(A_loc, rows_t, BLOCK_T)
-        agg_b = _last_row(B_loc, rows_t, BLOCK_T)
+        a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, CM, BLOCK_T)
+        A_loc, B_loc, agg_a, agg_b = _scan_tile(a, b, REVERSE, CM, BLOCK_T)
     else:
         agg_a = tl.full([BLOCK_N], 1.0, tl.float32)
         agg_b = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in tl.range(0, SEG, num_stages=NUM_STAGES):
-            a, b, _, _ = _load_tile(a_ptr, b_ptr, base, chunk * SEG + i, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
-            A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
-            last_a = _last_row(A_loc, rows_t, BLOCK_T)
-            agg_b = last_a * agg_b + _last_row(B_loc, rows_t, BLOCK_T)
-            agg_a = last_a * agg_a
+            a, b, _, _ = _load_tile(a_ptr, b_ptr, base, chunk * SEG + i, T, N, offs_n, mask_n, REVERSE, CM, BLOCK_T)
+            _, _, tile_a, tile_b = _scan_tile(a, b, REVERSE, CM, BLOCK_T)
+            agg_b = tile_a * agg_b + tile_b
+            agg_a = tile_a * agg_a
 
     # state layout: [n_seq * n_chunks, 3, BLOCK_N] int32 words (agg a, agg b, inclusive state)
     slot = (seq.to(tl.int64) * n_chunks + chunk) * 3 * BLOCK_N
@@ -200,23 +133,24 @@ def _lookback_diag_scan(
         if chunk == n_chunks - 1:
             tl.store(hT_ptr + bi.to(tl.int64) * N + offs_n, inclusive, mask=mask_n)
     if SEG == 1:
-        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
-                    HAS_DA)
+        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, T, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
+                    HAS_DA, CM)
     else:
         _scan_tiles(carry, chunk * SEG, SEG, a_ptr, b_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr, base, bi, T, N, offs_n,
-                    mask_n, REVERSE, HAS_DA, HAS_H0_DA, BLOCK_T, NUM_STAGES)
+                    mask_n, REVERSE, HAS_DA, HAS_H0_DA, CM, BLOCK_T, NUM_STAGES)
 
 
 @triton.jit
 def lookback_diag_scan_fwd_kernel(
     a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, T, N, G, n_chunks, n_seq,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_STAGES: tl.constexpr,
+    CM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """h_t = a_t ⊙ h_{t-1} + b_t in one pass (look-back); grid = n_chunks · n_seq segments of SEG tiles."""
     _lookback_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, state_ptr, counter_ptr, h_ptr, init_ptr, h_ptr,
                         T, N, G, n_chunks, n_seq, HAS_INIT, STORE_FINAL, False, False, False, PUBLISH_INCLUSIVE,
-                        BLOCK_T, BLOCK_N, WINDOW, SEG, NUM_STAGES)
+                        CM, BLOCK_T, BLOCK_N, WINDOW, SEG, NUM_STAGES)
 
 
 @triton.jit
@@ -224,18 +158,19 @@ def lookback_diag_scan_bwd_kernel(
     a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, state_ptr, counter_ptr, h_ptr, h0_ptr, da_ptr,
     T, N, G, n_chunks, n_seq,
     HAS_GT: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_STAGES: tl.constexpr,
+    CM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """λ_t = ḡ_t + a_{t+1} ⊙ λ_{t+1} (λ_T-1 gets ∂L/∂h_T), da_t = λ_t ⊙ h_{t-1}; λ_0 in fp32 to lam0."""
     _lookback_diag_scan(a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, state_ptr, counter_ptr, h_ptr, h0_ptr, da_ptr,
                         T, N, G, n_chunks, n_seq, HAS_GT, True, True, HAS_DA, HAS_H0, PUBLISH_INCLUSIVE,
-                        BLOCK_T, BLOCK_N, WINDOW, SEG, NUM_STAGES)
+                        CM, BLOCK_T, BLOCK_N, WINDOW, SEG, NUM_STAGES)
 
 
 @triton.jit
 def _loop_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, hprev_ptr, h0_ptr, da_ptr, T, N, G, n_chunks,
                     HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0_DA: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
+                    CM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     seq = tl.program_id(0)
     bi = seq // G
     offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,33 +181,33 @@ def _loop_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, hprev_ptr, h0_ptr, da
     else:
         carry = tl.zeros([BLOCK_N], dtype=tl.float32)
     carry = _scan_tiles(carry, 0, n_chunks, a_ptr, b_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr, base, bi, T, N, offs_n,
-                        mask_n, REVERSE, HAS_DA, HAS_H0_DA, BLOCK_T, NUM_STAGES)
+                        mask_n, REVERSE, HAS_DA, HAS_H0_DA, CM, BLOCK_T, NUM_STAGES)
     tl.store(hT_ptr + bi.to(tl.int64) * N + offs_n, carry, mask=mask_n)
 
 
 @triton.jit
 def loop_diag_scan_fwd_kernel(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, T, N, G, n_chunks, HAS_INIT: tl.constexpr,
-                              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
+                              CM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     """One program per (sequence, channel group) walks its whole sequence, carrying the state (accelerated-scan's
     design): one pass, no communication, for when B · channel groups alone fill the GPU."""
     _loop_diag_scan(a_ptr, b_ptr, init_ptr, h_ptr, hT_ptr, h_ptr, init_ptr, h_ptr, T, N, G, n_chunks, HAS_INIT,
-                    False, False, False, BLOCK_T, BLOCK_N, NUM_STAGES)
+                    False, False, False, CM, BLOCK_T, BLOCK_N, NUM_STAGES)
 
 
 @triton.jit
 def loop_diag_scan_bwd_kernel(a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, h_ptr, h0_ptr, da_ptr, T, N, G, n_chunks,
                               HAS_GT: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0: tl.constexpr,
-                              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
+                              CM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     """The adjoint of :func:`loop_diag_scan_fwd_kernel` (reverse time, shifted gates, fused da)."""
     _loop_diag_scan(a_ptr, g_ptr, gT_ptr, lam_ptr, lam0_ptr, h_ptr, h0_ptr, da_ptr, T, N, G, n_chunks, HAS_GT,
-                    True, HAS_DA, HAS_H0, BLOCK_T, BLOCK_N, NUM_STAGES)
+                    True, HAS_DA, HAS_H0, CM, BLOCK_T, BLOCK_N, NUM_STAGES)
 
 
 @triton.jit
 def chunk_diag_scan_fwd_kernel(
     a_ptr, b_ptr, agg_a_ptr, agg_b_ptr, carry_ptr, h_ptr, hprev_ptr, h0_ptr, da_ptr,
     T, N, G, n_chunks,
-    PHASE: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0_DA: tl.constexpr,
+    PHASE: tl.constexpr, REVERSE: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0_DA: tl.constexpr, CM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Three-pass scan. PHASE 0: store each tile's aggregate map to agg [B, n_chunks, N];
@@ -283,27 +218,30 @@ def chunk_diag_scan_fwd_kernel(
     offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     base = bi.to(tl.int64) * T * N
-    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, BLOCK_T)
-    A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
+    a, b, t, m = _load_tile(a_ptr, b_ptr, base, chunk, T, N, offs_n, mask_n, REVERSE, CM, BLOCK_T)
+    A_loc, B_loc, agg_a, agg_b = _scan_tile(a, b, REVERSE, CM, BLOCK_T)
     agg_off = (bi.to(tl.int64) * n_chunks + chunk) * N + offs_n
     if PHASE == 0:
-        rows_t = tl.arange(0, BLOCK_T)
-        tl.store(agg_a_ptr + agg_off, _last_row(A_loc, rows_t, BLOCK_T), mask=mask_n)
-        tl.store(agg_b_ptr + agg_off, _last_row(B_loc, rows_t, BLOCK_T), mask=mask_n)
+        tl.store(agg_a_ptr + agg_off, agg_a, mask=mask_n)
+        tl.store(agg_b_ptr + agg_off, agg_b, mask=mask_n)
     else:
         carry = tl.load(carry_ptr + agg_off, mask=mask_n, other=0.0)
-        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
-                    HAS_DA)
+        _store_tile(carry, A_loc, B_loc, t, m, h_ptr, base, T, N, offs_n, hprev_ptr, h0_ptr, da_ptr, bi, HAS_H0_DA,
+                    HAS_DA, CM)
 
 
 def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = None,
-                     loop: bool = False) -> tuple[int, int, int]:
+                     loop: bool = False, channel_major: bool = False, T: int | None = None) -> tuple[int, int, int]:
     """Tile sizes ``(BLOCK_T, BLOCK_N, num_warps)``: rows of up to 32 channels (128-byte fp32 rows) and 64 values per
     thread and tensor. Swept on H200 (fp32, 2^28 elements, 2k-8k-element tiles × 2/4/8 warps: ``python -m
     pflow_dist.bench.scan_sweep``, rows in benchmarks/results/scan_sweep_h200.jsonl): look-back is fastest with
     4096-element tiles on 2 warps for 32-channel rows and 8192 on 4 warps for 16-channel rows (57-67% of copy at
     N = 256 against 38-49% for the former 2048 × 4); the loop kernel (``loop``) with 16-channel rows, 2048 elements
-    on 2 warps."""
+    on 2 warps. Channel-major memory (``channel_major``: T contiguous) takes CM_TILE / CM_LOOP_TILE: a program's tile
+    is then BLOCK_N runs of BLOCK_T consecutive steps, BLOCK_T at most ``T`` rounded up to a power of two."""
+    if channel_major:
+        bt, bn, warps = CM_LOOP_TILE if loop else CM_TILE
+        return block_t or min(bt, max(16, triton.next_power_of_2(T or bt))), block_n or bn, warps
     bn = block_n or min(32, triton.next_power_of_2(N))
     if loop:
         return block_t or max(16, 2048 // bn), bn, 2
@@ -325,16 +263,46 @@ LOOP_BLOCK_N = 16
 # plain look-back; even (56.8% against 57.4%) at B1 T2^20 N256 (8 groups); slower at N16 (35% against 49%).
 SEGMENT_MAX_SEQS = 2
 SEGMENT_TILES = 8
+# Channel-major memory ([B, N, T] stored, T contiguous; accelerated-scan's layout): (BLOCK_T, BLOCK_N, warps) of the
+# look-back and loop kernels, and the loop from CM_LOOP_MIN_SEQS sequences × channel groups. H200 sweep (fp32, 2^28
+# elements; `python -m pflow_dist.bench.scan_sweep --grid cm`, run "sweep-5-cm" in scan_sweep_h200.jsonl), % of copy:
+# the loop over single-channel 4096-step tiles on 4 warps streams at 96.4 / 92.5 / 91.1% at B16 T2^16 / B4 T2^18 /
+# B1 T2^20 (N = 256), the best config or within 4 points of it, and falls to 49.8% with 64 sequences (B1 T2^22 N64),
+# where the look-back over 4096-step tiles on 2 warps reaches 82.5% (73.1% at B1 T2^24 N16).
+CM_TILE = (4096, 1, 2)
+CM_LOOP_TILE = (4096, 1, 4)
+CM_LOOP_MIN_SEQS = 256
 
 
-def auto_algorithm(B: int, N: int) -> dict:
+def auto_algorithm(B: int, N: int, channel_major: bool = False) -> dict:
     """The ``diag_scan_triton`` keywords ``algorithm="auto"`` resolves to for ``[B, *, N]`` (tile sizes, warps and
     stages not listed here come from :func:`diag_tile_config` and the defaults)."""
+    if channel_major:
+        return dict(algorithm="loop" if B * triton.cdiv(N, CM_LOOP_TILE[1]) >= CM_LOOP_MIN_SEQS else "lookback")
     if B * triton.cdiv(N, LOOP_BLOCK_N) >= LOOP_MIN_SEQS:
         return dict(algorithm="loop", block_n=LOOP_BLOCK_N)
     if N > 16 and B * triton.cdiv(N, 32) <= SEGMENT_MAX_SEQS:
         return dict(algorithm="lookback", segment=SEGMENT_TILES, block_t=2048 // 32, num_stages=1)
     return dict(algorithm="lookback")
+
+
+def is_channel_major(x: torch.Tensor) -> bool:
+    """Whether a ``[B, T, N]`` tensor is stored channel-major (``[B, N, T]`` memory, T contiguous, e.g. the
+    ``transpose(1, 2)`` view of a contiguous ``[B, N, T]`` tensor) and not also plain contiguous (N = 1 or T = 1 are
+    both: those run time-major)."""
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def _layout(*xs: torch.Tensor | None) -> bool:
+    """The shared memory layout of the ``[B, T, N]`` tensors ``xs`` (True: channel-major); a mix is an error."""
+    cms = {is_channel_major(x) for x in xs if x is not None}
+    for x in xs:
+        if x is not None and not (x.is_contiguous() or x.transpose(1, 2).is_contiguous()):
+            raise ValueError(f"the diagonal scan kernels take [B, T, N] tensors stored [B, T, N] or [B, N, T] "
+                             f"(contiguous, or a transposed contiguous [B, N, T]), got strides {x.stride()}")
+    if len(cms) > 1:
+        raise ValueError("a, b (and h) must share one memory layout: all [B, T, N]-contiguous or all channel-major")
+    return cms.pop() if cms else False
 
 
 def _grid_dims(B: int, T: int, N: int, bt: int, bn: int) -> tuple[int, int, int]:
@@ -364,7 +332,8 @@ def diag_scan_triton(
     """Launch the diagonal scan (no autograd, no validation: :mod:`pflow_dist.ops.scan` does both).
 
     Args:
-        a, b: contiguous ``[B, T, N]`` (fp16/bf16/fp32), same dtype.
+        a, b: ``[B, T, N]`` (fp16/bf16/fp32), same dtype and memory layout: contiguous, or channel-major (stored
+            ``[B, N, T]``: :func:`is_channel_major`), which the output and ``da`` then share.
         init: ``[B, N]`` initial state (forward ``h_0``; reverse ``∂L/∂h_T``) or ``None`` (zeros).
         reverse: the adjoint scan ``λ_t = b_t + a_{t+1} λ_{t+1}`` (``b`` is then ``∂L/∂h``).
         out_dtype: dtype of the per-step output (``b.dtype`` when ``None``).
@@ -386,17 +355,18 @@ def diag_scan_triton(
     B, T, N = b.shape
     if segment < 1:
         raise ValueError(f"segment must be >= 1 tile, got {segment}")
+    cm = _layout(a, b, h if want_da else None)
     if algorithm == "auto":
         explicit = block_t is not None or block_n is not None or segment != 1  # then only the algorithm is chosen
-        chosen = auto_algorithm(B, N)
+        chosen = auto_algorithm(B, N, cm)
         algorithm, block_n = chosen["algorithm"], block_n or chosen.get("block_n")
         if not explicit:
             block_t, segment = chosen.get("block_t"), chosen.get("segment", 1)
             num_stages = chosen.get("num_stages", num_stages)
-    bt, bn, warps = diag_tile_config(N, block_t, block_n, loop=algorithm == "loop")
+    bt, bn, warps = diag_tile_config(N, block_t, block_n, loop=algorithm == "loop", channel_major=cm, T=T)
     warps = num_warps or warps
     G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
-    out = torch.empty(B, T, N, device=b.device, dtype=out_dtype or b.dtype)
+    out = torch.empty_like(b, dtype=out_dtype or b.dtype)  # keeps b's layout
     last = torch.empty(B, N, device=b.device, dtype=torch.float32)
     da = torch.empty_like(a) if want_da else None
     dummy = out
@@ -405,11 +375,11 @@ def diag_scan_triton(
         if reverse:
             loop_diag_scan_bwd_kernel[(n_seq,)](a, b, init if init is not None else dummy, out, last, hp, h0p, dap,
                                                 T, N, G, n_chunks, HAS_GT=init is not None, HAS_DA=want_da,
-                                                HAS_H0=h0 is not None, BLOCK_T=bt, BLOCK_N=bn, NUM_STAGES=num_stages,
-                                                num_warps=warps)
+                                                HAS_H0=h0 is not None, CM=cm, BLOCK_T=bt, BLOCK_N=bn,
+                                                NUM_STAGES=num_stages, num_warps=warps)
         else:
             loop_diag_scan_fwd_kernel[(n_seq,)](a, b, init if init is not None else dummy, out, last, T, N, G,
-                                                n_chunks, HAS_INIT=init is not None, BLOCK_T=bt, BLOCK_N=bn,
+                                                n_chunks, HAS_INIT=init is not None, CM=cm, BLOCK_T=bt, BLOCK_N=bn,
                                                 NUM_STAGES=num_stages, num_warps=warps)
         return out, last, da
     if algorithm == "lookback":
@@ -419,7 +389,7 @@ def diag_scan_triton(
         # every thread must own distinct elements of the [WINDOW, BLOCK_N] look-back tile: replicas of one word load
         # it separately (volatile) and can disagree on "published yet", folding a map one replica counts as missing
         window = max(window, triton.cdiv(32 * warps, bn))
-        common = dict(PUBLISH_INCLUSIVE=publish_inclusive, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, SEG=segment,
+        common = dict(PUBLISH_INCLUSIVE=publish_inclusive, CM=cm, BLOCK_T=bt, BLOCK_N=bn, WINDOW=window, SEG=segment,
                       NUM_STAGES=num_stages, num_warps=warps)
         grid = (n_segs * n_seq,)
         if reverse:
@@ -437,7 +407,8 @@ def diag_scan_triton(
         raise ValueError(f"algorithm must be 'auto', 'loop', 'lookback' or 'chunk', got {algorithm!r}")
     agg_a = torch.empty(B, n_chunks, N, device=b.device, dtype=torch.float32)
     agg_b = torch.empty_like(agg_a)
-    common = dict(REVERSE=reverse, HAS_DA=want_da, HAS_H0_DA=h0 is not None, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+    common = dict(REVERSE=reverse, HAS_DA=want_da, HAS_H0_DA=h0 is not None, CM=cm, BLOCK_T=bt, BLOCK_N=bn,
+                  num_warps=warps)
     chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, agg_a, out, hp, h0p, dap, T, N, G, n_chunks,
                                                   PHASE=0, **common)
     # states at the end of every tile: the same scan over the tile maps (already in scan order), from init
@@ -464,19 +435,20 @@ def diag_scan_map(a: torch.Tensor, b: torch.Tensor, *, block_t: int | None = Non
     ``D`` writes all of h (the sequence-parallel DEER step needs only the shard's map before its real scan).
 
     Args:
-        a, b: contiguous ``[B, T, N]`` (fp16/bf16/fp32), same dtype.
+        a, b: ``[B, T, N]`` (fp16/bf16/fp32), same dtype and layout (contiguous or channel-major).
 
     Returns:
         ``(M [B, N], D [B, N])`` in float32.
     """
     B, T, N = b.shape
-    bt, bn, warps = diag_tile_config(N, block_t, block_n)
+    cm = _layout(a, b)
+    bt, bn, warps = diag_tile_config(N, block_t, block_n, channel_major=cm, T=T)
     G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
     agg_a = torch.empty(B, n_chunks, N, device=b.device, dtype=torch.float32)
     agg_b = torch.empty_like(agg_a)
     chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, agg_a, agg_a, agg_a, agg_a, agg_a, T, N, G,
                                                   n_chunks, PHASE=0, REVERSE=False, HAS_DA=False, HAS_H0_DA=False,
-                                                  BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+                                                  CM=cm, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
     if n_chunks == 1:
         return agg_a[:, 0], agg_b[:, 0]
     return agg_a.prod(dim=1), diag_scan_triton(agg_a, agg_b, None, out_dtype=torch.float32)[1]

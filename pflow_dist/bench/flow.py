@@ -30,6 +30,7 @@ B4 T8192 H16 D128 (torch profiler), forward and forward+backward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import time
@@ -102,13 +103,26 @@ def _ours_sum(inp):
     return _chunk_flow(inp, rank_form="sum")
 
 
-def _ours_sp(inp):
+@contextlib.contextmanager
+def _own_process_group():
+    """``ours-sp`` outside a distributed job: a gloo group of this process alone (the combine has nobody to talk to),
+    torn down after the case so that nothing run later in the process finds a default group; a job's group is
+    used as it is."""
     import torch.distributed as dist  # noqa: PLC0415
 
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _ours_sp(inp):
     from pflow_dist.dist.sp_flow_triton import triton_sp_flow  # noqa: PLC0415
 
-    if not dist.is_initialized():  # a group of this process alone: the combine has nobody to talk to
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     scale = inp["q"].shape[-1] ** -0.5
     return triton_sp_flow(inp["q"], inp["k"], inp["v"], inp["beta"], inp.get("g"), "product", scale, None, 64, None,
                           "doubling")
@@ -166,7 +180,7 @@ BENCH = Bench(
         Impl("ours", _ours, _ours_unavailable, "pflow-dist"),
         Impl("ours-checked", _ours_checked, _ours_unavailable, "pflow-dist"),
         Impl("ours-sum", _ours_sum, _ours_unavailable, "pflow-dist", lambda inp: _reference(inp, "sum")),
-        Impl("ours-sp", _ours_sp, _ours_unavailable, "pflow-dist"),
+        Impl("ours-sp", _ours_sp, _ours_unavailable, "pflow-dist", context=_own_process_group),
         Impl("fla", _fla, _fla_unavailable, "fla-core"),
         Impl("torch-chunked", _torch_chunked("inverse"), _torch_unavailable),
         Impl("torch-sigdelta", _torch_chunked("sigdelta"), _torch_unavailable),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,8 @@ class Impl:
         package: the distribution whose version is recorded (e.g. ``"fla-core"``).
         reference: its own float64 reference, for an implementation of a different function than the bench's
             reference (e.g. the rank-R sum form beside the product form); ``None``: the bench's.
+        context: a context manager factory entered around the check and the timed modes of each case (state the
+            implementation needs and must not leave behind, e.g. a process group of its own).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Impl:
     unavailable: Callable[[torch.device], str | None] = lambda device: None
     package: str | None = None
     reference: Callable[[Inputs], torch.Tensor] | None = None
+    context: Callable[[], AbstractContextManager] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,36 +186,38 @@ def run_bench(
         ref = bench.reference(inputs) if uses_bench_ref else None
         for impl in impls:
             reason = impl.unavailable(device)
-            err_extra: dict[str, Any] = {}
-            own_ref = impl.reference is not None and checked and reason is None
-            if reason is None and (ref is not None or own_ref):
-                try:
-                    with torch.no_grad():
-                        out = impl.run(inputs)[0]
-                    st = error_stats(impl.reference(inputs) if own_ref else ref, out)
-                    err_extra = {"rel_err": st.rms_ratio, "max_abs_err": st.max_abs}
-                except Exception as e:  # the timing below reports the failure
-                    err_extra = {"check_error": _error_message(e)}
-            for mode in modes:
-                row = BenchRow(
-                    bench=bench.name, case=case.name, mode=mode, impl=impl.name, device=dev_name,
-                    dtype=str(dtype).replace("torch.", ""), shapes=bench.shapes(inputs), median_ms=None, p20_ms=None,
-                    p80_ms=None, n_rep=0, peak_mem_bytes=None, versions=vers, command=cmd, extra=dict(err_extra),
-                )
-                if reason is not None:
-                    row.status, row.error = "unavailable", reason
-                else:
+            with impl.context() if reason is None and impl.context is not None else nullcontext():
+                err_extra: dict[str, Any] = {}
+                own_ref = impl.reference is not None and checked and reason is None
+                if reason is None and (ref is not None or own_ref):
                     try:
-                        t = measure(_timed_callable(impl, inputs, mode, bench.grad_inputs), device, warmup, rep)
-                        row.median_ms, row.p20_ms, row.p80_ms = t.median_ms, t.p20_ms, t.p80_ms
-                        row.n_rep, row.peak_mem_bytes = t.n_rep, t.peak_mem_bytes
-                    except Exception as e:  # a peer that refuses (e.g. fla's gated bwd on Hopper) is a result
-                        row.status, row.error = "error", _error_message(e)
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
+                        with torch.no_grad():
+                            out = impl.run(inputs)[0]
+                        st = error_stats(impl.reference(inputs) if own_ref else ref, out)
+                        err_extra = {"rel_err": st.rms_ratio, "max_abs_err": st.max_abs}
+                    except Exception as e:  # the timing below reports the failure
+                        err_extra = {"check_error": _error_message(e)}
+                for mode in modes:
+                    row = BenchRow(
+                        bench=bench.name, case=case.name, mode=mode, impl=impl.name, device=dev_name,
+                        dtype=str(dtype).replace("torch.", ""), shapes=bench.shapes(inputs), median_ms=None,
+                        p20_ms=None, p80_ms=None, n_rep=0, peak_mem_bytes=None, versions=vers, command=cmd,
+                        extra=dict(err_extra),
+                    )
+                    if reason is not None:
+                        row.status, row.error = "unavailable", reason
+                    else:
+                        try:
+                            t = measure(_timed_callable(impl, inputs, mode, bench.grad_inputs), device, warmup, rep)
+                            row.median_ms, row.p20_ms, row.p80_ms = t.median_ms, t.p20_ms, t.p80_ms
+                            row.n_rep, row.peak_mem_bytes = t.n_rep, t.peak_mem_bytes
+                        except Exception as e:  # a peer that refuses (e.g. fla's gated bwd on Hopper) is a result
+                            row.status, row.error = "error", _error_message(e)
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
         del inputs, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()

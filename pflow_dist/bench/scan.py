@@ -2,6 +2,8 @@
 
 Implementations, on the same values (the peer gets them in its [B, C, T] layout, transposed outside the timing):
 - ``ours``: ``pflow_dist.ops.scan.scan`` (``backend="auto"``: Triton single-pass look-back on CUDA, torch on CPU);
+- ``ours-bct``: the same op on the peer's memory: ``[B, C, T]`` tensors passed as their ``transpose(1, 2)`` views
+  (channel-major ``[B, T, N]``, run by the kernels without a copy);
 - ``ours-3pass``: the same op with the three-pass chunked Triton algorithm;
 - ``torch``: the chunked log-depth plain-torch scan (``backend="torch"``, the CPU path, run on the same device);
 - ``accelerated-scan``: ``accelerated_scan.scalar.scan`` (Triton, one program per sequence), when installed;
@@ -48,7 +50,7 @@ def _inputs(case: Case, dtype: torch.dtype, device: torch.device) -> dict[str, t
     a = (0.999 + 0.001 * torch.rand(B, T, N, generator=gen, device=device)).to(dtype)  # long memory, as in SSMs
     b = torch.randn(B, T, N, generator=gen, device=device).to(dtype)
     inp = {"a": a, "b": b}
-    if importlib.util.find_spec("accelerated_scan") is not None and device.type == "cuda":
+    if device.type == "cuda":  # the peer's layout, also run by ours-bct
         inp["a_bct"] = a.transpose(1, 2).contiguous()
         inp["b_bct"] = b.transpose(1, 2).contiguous()
     return inp
@@ -58,6 +60,12 @@ def _ours(inp):
     from ..ops.scan import scan
 
     return scan(inp["a"], inp["b"])
+
+
+def _ours_bct(inp):
+    from ..ops.scan import scan
+
+    return scan(inp["a_bct"].transpose(1, 2), inp["b_bct"].transpose(1, 2))
 
 
 def _ours_3pass(inp):
@@ -117,7 +125,8 @@ BENCH = Bench(
     description=__doc__.splitlines()[0],
     cases=_cases,
     make_inputs=_inputs,
-    impls=[Impl("ours", _ours), Impl("ours-3pass", _ours_3pass, _cuda_only), Impl("torch", _torch),
+    impls=[Impl("ours", _ours), Impl("ours-bct", _ours_bct, _cuda_only), Impl("ours-3pass", _ours_3pass, _cuda_only),
+           Impl("torch", _torch),
            Impl("accelerated-scan", _accel, _accel_unavailable, package="accelerated-scan"),
            Impl("accelerated-scan-warp", _accel_warp, _accel_warp_unavailable, package="accelerated-scan")],
     grad_inputs=("a", "b", "a_bct", "b_bct"),
@@ -159,8 +168,9 @@ BENCH = dataclasses.replace(BENCH, finalize=finalize_rows)
 
 
 def verify_rows(rows: list[BenchRow], device: torch.device, quick: bool, case_filter: list[str]) -> None:
-    """Relative RMS error of ``ours`` / ``ours-3pass`` (h, da, db) against the torch path on the same device and
-    inputs, for every case (the float64 loop is too slow at 2^28 elements), into ``extra.rel_err_vs_torch``."""
+    """Relative RMS error of ``ours`` / ``ours-bct`` / ``ours-3pass`` (h, da, db) against the torch path on the same
+    device and inputs, for every case (the float64 loop is too slow at 2^28 elements), into
+    ``extra.rel_err_vs_torch``."""
     from ..ops.scan import _Scan, scan
     from ..testing import error_stats
 
@@ -173,10 +183,14 @@ def verify_rows(rows: list[BenchRow], device: torch.device, quick: bool, case_fi
         h_ref = scan(a, b, backend="torch")[0]
         ref = [h_ref.detach(), *torch.autograd.grad(h_ref, (a, b), g)]
         del h_ref
-        for impl, kw in (("ours", None), ("ours-3pass", {"algorithm": "chunk"})):
+        for impl, kw in (("ours", None), ("ours-bct", None), ("ours-3pass", {"algorithm": "chunk"})):
             try:
-                h = _Scan.apply(a, b, None, "triton", kw)[0]
-                out = [h.detach(), *torch.autograd.grad(h, (a, b), g)]
+                # ours-bct: the same values stored [B, N, T] (the peer's layout), as leaves of their own
+                x = tuple(t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                          for t in (a, b)) if impl == "ours-bct" else (a, b)
+                h = _Scan.apply(*x, None, "triton", kw)[0]
+                out = [h.detach(), *torch.autograd.grad(h, x, g)]
+                del x
                 err = {k: error_stats(r, o).rms_ratio for k, r, o in zip(("h", "da", "db"), ref, out)}
             except Exception as e:
                 err = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -202,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", action="append", default=[])
     p.add_argument("--rep", type=int, default=10)
     p.add_argument("--out", default=None)
-    p.add_argument("--verify", action="store_true", help="ours and ours-3pass vs the torch path, fwd and grads")
+    p.add_argument("--verify", action="store_true",
+                   help="ours, ours-bct and ours-3pass vs the torch path, fwd and grads")
     p.add_argument("--verify-case", action="append", default=[], help="verify only these cases")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -56,29 +56,59 @@ def wide_configs(B: int, N: int) -> Iterator[dict]:
     yield dict(algorithm="auto")
 
 
-GRIDS = {"full": configs, "wide": wide_configs}
+def cm_configs(B: int, N: int) -> Iterator[dict]:
+    """Channel-major memory (``[B, N, T]`` stored, T contiguous): look-back over 1-4 time runs of 1k-16k elements per
+    tile on 2-8 warps, segmented look-back, the loop kernel where there are sequences enough, and ``auto``."""
+    for bn, elems, warps in itertools.product((1, 2, 4), (1024, 2048, 4096), (2, 4, 8)):
+        yield dict(algorithm="lookback", block_n=bn, block_t=elems // bn, num_warps=warps)
+    for elems, warps in itertools.product((8192, 16384), (1, 2, 4)):  # single runs longer than 4096 steps
+        yield dict(algorithm="lookback", block_n=1, block_t=elems, num_warps=warps)
+    for segment, stages in itertools.product((4, 8), (1, 2)):
+        yield dict(algorithm="lookback", block_n=1, block_t=2048, num_warps=4, segment=segment, num_stages=stages)
+    for bn, elems, warps in itertools.product((1, 2), (1024, 2048, 4096, 8192), (2, 4)):
+        if B * N // bn >= 64:
+            yield dict(algorithm="loop", block_n=bn, block_t=elems // bn, num_warps=warps)
+    yield dict(algorithm="auto")
+
+
+GRIDS = {"full": configs, "wide": wide_configs, "cm": cm_configs}
+CHANNEL_MAJOR_GRIDS = ("cm",)  # grids run on [B, N, T]-stored inputs
 
 
 def sweep(cases: Sequence[tuple[int, int, int]], device: torch.device, warmup: int = 3, rep: int = 20,
-          grid: Callable[[int, int], Iterable[dict]] = configs) -> Iterator[dict]:
+          grid: Callable[[int, int], Iterable[dict]] = configs, channel_major: bool = False,
+          adjoint: bool = False) -> Iterator[dict]:
     """Yield one result row per (case, configuration in ``grid(B, N)``); a configuration that fails gets an
-    ``error`` row instead of ``ms``/``err``."""
+    ``error`` row instead of ``ms``/``err``. ``channel_major``: the inputs are stored ``[B, N, T]`` (the reference
+    stays the three-pass scan of ``[B, T, N]`` memory). ``adjoint``: time the backward kernel instead (reverse scan of
+    an upstream gradient with da: a, ḡ, h in, λ and da out, 5 tensors; the error is the worse of λ and da)."""
     bw = copy_bandwidth(device)
     for B, T, N in cases:
         gen = torch.Generator(device=device).manual_seed(0)
         a = 0.9 + 0.1 * torch.rand(B, T, N, device=device, generator=gen)
         b = torch.randn(B, T, N, device=device, generator=gen)
-        ref = diag_scan_triton(a, b, None, algorithm="chunk")[0]
+        h = diag_scan_triton(a, b, None, algorithm="chunk")[0] if adjoint else None
+
+        def call(a, b, h, kw):
+            if adjoint:  # b is the upstream gradient here
+                lam, _, da = diag_scan_triton(a, b, None, reverse=True, h=h, want_da=True, **kw)
+                return lam, da
+            return (diag_scan_triton(a, b, None, **kw)[0],)
+
+        ref = call(a, b, h, dict(algorithm="chunk"))
+        if channel_major:
+            a, b, h = (None if x is None else x.transpose(1, 2).contiguous().transpose(1, 2) for x in (a, b, h))
         for kw in grid(B, N):
-            row: dict = dict(case=f"B{B}-T{T}-N{N}", **kw)
+            row: dict = dict(case=f"B{B}-T{T}-N{N}", **kw, **({"layout": "BNT"} if channel_major else {}),
+                             **({"kernel": "adjoint"} if adjoint else {}))
             try:
-                h = diag_scan_triton(a, b, None, **kw)[0]
-                row["err"] = ((h - ref).abs().max() / ref.abs().max()).item()
-                run = lambda a=a, b=b, kw=kw: diag_scan_triton(a, b, None, **kw)  # noqa: E731
+                out = call(a, b, h, kw)
+                row["err"] = max(((o - r).abs().max() / r.abs().max()).item() for o, r in zip(out, ref))
+                run = lambda a=a, b=b, h=h, kw=kw: call(a, b, h, kw)  # noqa: E731
                 row["ms"] = measure(run, device, warmup, rep).median_ms
                 if bw is not None:
                     row["copy_GBps"] = bw
-                    row["frac"] = 3 * a.numel() * 4 / (row["ms"] * 1e-3) / 1e9 / bw
+                    row["frac"] = (5 if adjoint else 3) * a.numel() * 4 / (row["ms"] * 1e-3) / 1e9 / bw
             except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is a result too
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             yield row
@@ -99,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", type=_case, action="append", help="B,T,N (repeatable; default: 2^28 elements "
                         "at T = 2^16 ... 2^24)")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full",
-                        help="full: every algorithm over 8-32-channel rows; wide: look-back over 64-256-channel rows")
+                        help="full: every algorithm over 8-32-channel rows; wide: look-back over 64-256-channel rows; "
+                        "cm: every algorithm on channel-major ([B, N, T]-stored) inputs")
+    parser.add_argument("--adjoint", action="store_true", help="time the backward (reverse scan + da) kernel")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rep", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("scan_sweep.jsonl"))
@@ -107,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     with args.out.open("w") as f:
-        for row in sweep(args.case or DEFAULT_CASES, device, args.warmup, args.rep, GRIDS[args.grid]):
+        for row in sweep(args.case or DEFAULT_CASES, device, args.warmup, args.rep, GRIDS[args.grid],
+                         channel_major=args.grid in CHANNEL_MAJOR_GRIDS, adjoint=args.adjoint):
             f.write(json.dumps(row) + "\n")
             f.flush()
             cfg = {k: v for k, v in row.items() if k in ("algorithm", "block_n", "block_t", "num_warps", "segment",

@@ -59,6 +59,17 @@ def structured_dense(coef: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
     return A
 
 
+def _diag_operands(a: torch.Tensor, *xs: torch.Tensor | None) -> tuple:
+    """``a`` and ``xs`` (``[B, T, N]`` each) in one memory layout for the diagonal Triton kernels: channel-major
+    (``[B, N, T]`` memory) when ``a`` is, contiguous otherwise; tensors already in it are not copied."""
+    from ..kernels.scan.diag import is_channel_major  # noqa: PLC0415
+
+    if is_channel_major(a):
+        return (a, *(x if x is None or is_channel_major(x) else x.transpose(1, 2).contiguous().transpose(1, 2)
+                     for x in xs))
+    return (a.contiguous(), *(None if x is None else x.contiguous() for x in xs))
+
+
 def scan_forward(
     a: torch.Tensor | None,
     b: torch.Tensor,
@@ -80,7 +91,7 @@ def scan_forward(
         if a is not None and a.dim() == 3:
             from ..kernels.scan.diag import diag_scan_triton
 
-            h, hT, _ = diag_scan_triton(a.contiguous(), b.contiguous(), h0, out_dtype=out_dtype, **kernel_kw)
+            h, hT, _ = diag_scan_triton(*_diag_operands(a, b), h0, out_dtype=out_dtype, **kernel_kw)
         else:
             from ..kernels.scan.dense import dense_scan_triton
 
@@ -103,7 +114,7 @@ def scan_map(a: torch.Tensor, b: torch.Tensor, backend: str) -> tuple[torch.Tens
     if backend == "triton":
         from ..kernels.scan.diag import diag_scan_map  # noqa: PLC0415
 
-        return diag_scan_map(a.contiguous(), b.contiguous())
+        return diag_scan_map(*_diag_operands(a, b))
     acc = _acc_dtype(b.dtype)
     return torch.prod(a.to(acc), dim=1), torch_scan(a.to(acc), b.to(acc), None)[1]
 
@@ -130,16 +141,16 @@ def scan_adjoint(
     """
     out_dtype = out_dtype or grad_h.dtype
     if backend == "triton":
-        kw = dict(reverse=True, h=h.contiguous() if want_da else None, h0=h0, want_da=want_da, out_dtype=out_dtype,
-                  **kernel_kw)
+        kw = dict(reverse=True, h0=h0, want_da=want_da, out_dtype=out_dtype, **kernel_kw)
         if a is not None and a.dim() == 3:
             from ..kernels.scan.diag import diag_scan_triton
 
-            return diag_scan_triton(a.contiguous(), grad_h.contiguous(), grad_final, **kw)
+            a, grad_h, h = _diag_operands(a, grad_h, h if want_da else None)
+            return diag_scan_triton(a, grad_h, grad_final, h=h, **kw)
         from ..kernels.scan.dense import dense_scan_triton
 
         return dense_scan_triton(None if a is None else a.contiguous(), grad_h.contiguous(), grad_final, coef=coef,
-                                 mats=mats, **kw)
+                                 mats=mats, h=h.contiguous() if want_da else None, **kw)
     acc = _acc_dtype(grad_h.dtype)
     A = structured_dense(coef, mats) if a is None else a
     lam, lam0 = torch_scan_adjoint(A.to(acc), grad_h.to(acc), None if grad_final is None else grad_final.to(acc))
@@ -188,7 +199,9 @@ def scan(
     Args:
         a: transitions ``[B, T, N]`` (diagonal, ``A_t = diag(a_t)``) or ``[B, T, N, N]`` (dense); float16, bfloat16,
             float32 or float64, same dtype as ``b``.
-        b: inputs ``[B, T, N]``.
+        b: inputs ``[B, T, N]``. A diagonal ``a`` may be stored channel-major (``[B, N, T]`` memory, T contiguous:
+            ``x.transpose(1, 2)`` of a contiguous ``[B, N, T]`` tensor, accelerated-scan's layout); the Triton kernels
+            then read it without a copy (``b`` is brought to the same layout) and ``h`` comes back in it.
         initial_state: ``h_0 [B, N]`` (any float dtype) or ``None`` (zeros).
         output_final_state: also return ``h_T``.
         backend: ``"auto"`` (Triton on CUDA, the chunked torch scan on CPU or for float64 / dense N > 64),

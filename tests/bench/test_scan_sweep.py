@@ -36,3 +36,18 @@ def test_wide_grid_runs_wide_rows_and_checks_them():
     # 3 tiles of 64 steps x 64 channels (the last one partial): the look-back over 64-channel state words
     rows = list(scan_sweep.sweep([(1, 150, 64)], torch.device("cpu"), warmup=0, rep=1, grid=lambda B, N: wide))
     assert len(rows) == 2 and all(r["err"] < 1e-6 and "error" not in r for r in rows)
+
+
+@pytest.mark.parametrize("adjoint", [False, True], ids=["forward", "adjoint"])
+def test_channel_major_sweep_forward_and_adjoint(adjoint):
+    """``--grid cm`` runs on ``[B, N, T]``-stored inputs, and ``--adjoint`` times the backward kernel (λ and da both
+    checked against the three-pass adjoint of ``[B, T, N]`` memory): 5 tiles per sequence, loop and look-back."""
+    grid = lambda B, N: [dict(algorithm="lookback", block_n=2, block_t=8, num_warps=2),  # noqa: E731
+                         dict(algorithm="loop", block_n=1, block_t=8, num_warps=2)]
+    rows = list(scan_sweep.sweep([(2, 40, 3)], torch.device("cpu"), warmup=0, rep=1, grid=grid, channel_major=True,
+                                 adjoint=adjoint))
+    assert len(rows) == 2
+    for r in rows:
+        assert r["layout"] == "BNT" and r.get("kernel") == ("adjoint" if adjoint else None)
+        assert "error" not in r and r["err"] < 1e-6 and r["ms"] > 0
+    assert {c["algorithm"] for c in scan_sweep.cm_configs(16, 256)} == {"lookback", "loop", "auto"}

@@ -120,7 +120,8 @@ def test_scan_map_is_the_sequence_map(T):
     rh, rT, _ = reference(a, b, h0, torch.zeros_like(b), torch.zeros_like(h0))
     from pflow_dist.kernels.scan.diag import diag_scan_map
 
-    for M, D in (diag_scan_map(a, b, block_t=8, block_n=4), scan_map(a, b, "torch")):
+    for M, D in (diag_scan_map(a, b, block_t=8, block_n=4), scan_map(a, b, "torch"),
+                 diag_scan_map(channel_major(a), channel_major(b), block_t=8, block_n=2)):
         assert M.shape == D.shape == h0.shape and M.dtype == torch.float32
         assert_close("h_T from the map", rT, M * h0 + D, 2e-5)
         assert_close("M", a.double().prod(dim=1), M, 2e-5)
@@ -138,6 +139,67 @@ def test_diag_auto_algorithm(B, N, expect):
     from pflow_dist.kernels.scan.diag import auto_algorithm
 
     assert auto_algorithm(B, N) == expect
+
+
+def test_diag_auto_algorithm_channel_major():
+    """Channel-major memory: the loop from CM_LOOP_MIN_SEQS sequences × channel groups, else the look-back."""
+    from pflow_dist.kernels.scan.diag import CM_LOOP_MIN_SEQS, CM_LOOP_TILE, auto_algorithm
+
+    n = CM_LOOP_MIN_SEQS * CM_LOOP_TILE[1]
+    assert auto_algorithm(1, n, channel_major=True) == dict(algorithm="loop")
+    assert auto_algorithm(1, n - CM_LOOP_TILE[1], channel_major=True) == dict(algorithm="lookback")
+
+
+def channel_major(x):
+    """The same ``[B, T, N]`` values stored ``[B, N, T]`` (T contiguous)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("kw", [dict(algorithm="lookback", window=4), dict(algorithm="lookback", window=4,
+                                                                            publish_inclusive=False),
+                                dict(algorithm="lookback", segment=3), dict(algorithm="loop"),
+                                dict(algorithm="chunk"), dict(block_n=None, block_t=None)],
+                         ids=["lookback", "lookback-deep", "segment3", "loop", "chunk", "auto"])
+def test_diag_triton_channel_major(kw):
+    """Channel-major inputs (``[B, N, T]`` memory, accelerated-scan's layout) run without a copy: forward, adjoint
+    and da on 8-step tiles of 2 channels (the reverse tiles load ascending time and scan it backwards), T = 61 (the
+    last tile partial), the upstream gradient given contiguous (brought to the layout); h, λ and da come back
+    channel-major and equal the float64 reference. ``auto``: default channel-major tiles."""
+    from pflow_dist.kernels.scan.diag import is_channel_major
+
+    a, b, h0 = make(2, 61, 5, True, torch.float32, seed=5)
+    kw = dict(dict(block_t=8, block_n=2), **kw)
+    a, b = channel_major(a), channel_major(b)
+    h, hT = scan_forward(a, b, h0, "triton", **kw)
+    g, gT = torch.randn(a.shape, device=DEV), torch.randn_like(h0)
+    lam, lam0, da = scan_adjoint(a, g, gT, "triton", h=h, h0=h0, want_da=True, **kw)
+    assert all(is_channel_major(x) for x in (h, lam, da))
+    rh, rT, (rda, rdb, _) = reference(a, b, h0, g, gT)
+    for name, want, got in (("h", rh, h), ("h_T", rT, hT), ("lambda", rdb, lam), ("lambda_0", rdb[:, 0], lam0),
+                            ("da", rda, da)):
+        assert_close(name, want, got, 2e-5)
+
+
+def test_scan_channel_major_autograd():
+    """``scan`` on channel-major leaves (Triton): values and every gradient, the gradients in the leaves' layout."""
+    from pflow_dist.kernels.scan.diag import is_channel_major
+
+    a, b, h0 = make(2, 40, 6, True, torch.float32, seed=2)
+    check_scan(channel_major(a), channel_major(b), h0, "triton", TOL[torch.float32])
+    a, b = (channel_major(x).requires_grad_() for x in (a, b))
+    da, db = torch.autograd.grad(scan(a, b, backend="triton")[0].sum(), (a, b))
+    assert is_channel_major(da) and is_channel_major(db)
+
+
+def test_diag_triton_layout_errors():
+    """Tensors of two layouts, or strided in neither, are refused by name instead of scanned wrongly."""
+    from pflow_dist.kernels.scan.diag import diag_scan_triton
+
+    a, b, _ = make(1, 12, 4, True, torch.float32)
+    with pytest.raises(ValueError, match="one memory layout"):
+        diag_scan_triton(channel_major(a), b, None)
+    with pytest.raises(ValueError, match="transposed contiguous"):
+        diag_scan_triton(a[:, ::2], b[:, ::2], None)
 
 
 def test_diag_triton_auto_segmented():
