@@ -231,16 +231,18 @@ def chunk_diag_scan_fwd_kernel(
 
 
 def diag_tile_config(N: int, block_t: int | None = None, block_n: int | None = None,
-                     loop: bool = False, channel_major: bool = False, T: int | None = None) -> tuple[int, int, int]:
+                     loop: bool = False, channel_major: bool = False, T: int | None = None,
+                     reverse: bool = False) -> tuple[int, int, int]:
     """Tile sizes ``(BLOCK_T, BLOCK_N, num_warps)``: rows of up to 32 channels (128-byte fp32 rows) and 64 values per
     thread and tensor. Swept on H200 (fp32, 2^28 elements, 2k-8k-element tiles × 2/4/8 warps: ``python -m
     pflow_dist.bench.scan_sweep``, rows in benchmarks/results/scan_sweep_h200.jsonl): look-back is fastest with
     4096-element tiles on 2 warps for 32-channel rows and 8192 on 4 warps for 16-channel rows (57-67% of copy at
     N = 256 against 38-49% for the former 2048 × 4); the loop kernel (``loop``) with 16-channel rows, 2048 elements
-    on 2 warps. Channel-major memory (``channel_major``: T contiguous) takes CM_TILE / CM_LOOP_TILE: a program's tile
-    is then BLOCK_N runs of BLOCK_T consecutive steps, BLOCK_T at most ``T`` rounded up to a power of two."""
+    on 2 warps. Channel-major memory (``channel_major``: T contiguous) takes CM_TILE / CM_LOOP_TILE (CM_ADJOINT_TILE
+    for the look-back adjoint, ``reverse``): a program's tile is then BLOCK_N runs of BLOCK_T consecutive steps,
+    BLOCK_T at most ``T`` rounded up to a power of two."""
     if channel_major:
-        bt, bn, warps = CM_LOOP_TILE if loop else CM_TILE
+        bt, bn, warps = CM_LOOP_TILE if loop else CM_ADJOINT_TILE if reverse else CM_TILE
         return block_t or min(bt, max(16, triton.next_power_of_2(T or bt))), block_n or bn, warps
     bn = block_n or min(32, triton.next_power_of_2(N))
     if loop:
@@ -270,6 +272,10 @@ SEGMENT_TILES = 8
 # B1 T2^20 (N = 256), the best config or within 4 points of it, and falls to 49.8% with 64 sequences (B1 T2^22 N64),
 # where the look-back over 4096-step tiles on 2 warps reaches 82.5% (73.1% at B1 T2^24 N16).
 CM_TILE = (4096, 1, 2)
+# The look-back adjoint (5 tensors: a, ḡ, h in, λ, da out) prefers 2048-step tiles on 4 warps: 78.7 / 77.5 / 78.4% of
+# copy at B256 T2^12 / B16 T2^16 / B1 T2^20 against 74.3 / 64.8 / 64.8% for CM_TILE (`--grid cm --adjoint`, run
+# "sweep-7-cm-adjoint"); the loop adjoint keeps CM_LOOP_TILE (70-86%, no better tile in run "sweep-8-cm-adjoint-loop").
+CM_ADJOINT_TILE = (2048, 1, 4)
 CM_LOOP_TILE = (4096, 1, 4)
 CM_LOOP_MIN_SEQS = 256
 
@@ -363,7 +369,8 @@ def diag_scan_triton(
         if not explicit:
             block_t, segment = chosen.get("block_t"), chosen.get("segment", 1)
             num_stages = chosen.get("num_stages", num_stages)
-    bt, bn, warps = diag_tile_config(N, block_t, block_n, loop=algorithm == "loop", channel_major=cm, T=T)
+    bt, bn, warps = diag_tile_config(N, block_t, block_n, loop=algorithm == "loop", channel_major=cm, T=T,
+                                     reverse=reverse)
     warps = num_warps or warps
     G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
     out = torch.empty_like(b, dtype=out_dtype or b.dtype)  # keeps b's layout
