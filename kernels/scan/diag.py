@@ -39,12 +39,11 @@ import triton.language as tl
 
 from .diag_tiles import _combine_recent_first, _last_row, _load_tile, _scan_tile, _scan_tiles, _store_tile
 
-__all__ = ["LOOP_MIN_SEQS", "SENTINEL", "diag_scan_map", "diag_scan_triton", "diag_tile_config"]
+__all__ = ["LOOP_MIN_SEQS", "SENTINEL", "diag_scan_map", "diag_scan_triton", "diag_tile_config", "is_channel_major"]
 
 # A signalling-NaN bit pattern arithmetic never produces (GPUs return the canonical NaN 0x7FFFFFFF): "not published".
 SENTINEL = 0x7FA0DEAD
 _SENT = tl.constexpr(SENTINEL)  # jit functions may only read constexpr globals
-
 
 
 @triton.jit
