@@ -1,18 +1,21 @@
-"""The diagonal-scan tile sweep (pflow_dist.bench.scan_sweep) on CPU through the Triton interpreter."""
+"""The diagonal-scan tile sweep (pflow_dist.bench.scan_sweep): through the Triton interpreter on CPU, natively on
+CUDA."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pflow_dist.bench import scan_sweep
+from pflow_dist.testing import kernel_device
+
+DEV = kernel_device()  # CUDA natively, else CPU through the Triton interpreter
 
 
 def test_sweep_rows_check_every_configuration_against_three_pass():
     grid = lambda B, N: [dict(algorithm="lookback", block_n=4, block_t=8, num_warps=4),  # noqa: E731
                          dict(algorithm="loop", block_n=4, block_t=8, num_warps=2),
                          dict(algorithm="lookback", block_n=4, block_t=3, num_warps=4)]  # not a power of two
-    rows = list(scan_sweep.sweep([(2, 40, 6)], torch.device("cpu"), warmup=0, rep=1, grid=grid))
+    rows = list(scan_sweep.sweep([(2, 40, 6)], DEV, warmup=0, rep=1, grid=grid))
     assert [r["algorithm"] for r in rows] == ["lookback", "loop", "lookback"]
     for r in rows[:2]:  # 5 tiles per sequence, 2 channel groups: the look-back and the carried loop state
         assert r["case"] == "B2-T40-N6" and r["ms"] > 0 and r["err"] < 1e-6 and "error" not in r
@@ -34,7 +37,7 @@ def test_wide_grid_runs_wide_rows_and_checks_them():
     assert {c["window"] for c in grid if "window" in c} == {2, 16}
     wide = [c for c in grid if c.get("block_n") == 64 and c["num_warps"] == 2 and c["block_t"] == 64]
     # 3 tiles of 64 steps x 64 channels (the last one partial): the look-back over 64-channel state words
-    rows = list(scan_sweep.sweep([(1, 150, 64)], torch.device("cpu"), warmup=0, rep=1, grid=lambda B, N: wide))
+    rows = list(scan_sweep.sweep([(1, 150, 64)], DEV, warmup=0, rep=1, grid=lambda B, N: wide))
     assert len(rows) == 2 and all(r["err"] < 1e-6 and "error" not in r for r in rows)
 
 
@@ -44,7 +47,7 @@ def test_channel_major_sweep_forward_and_adjoint(adjoint):
     checked against the three-pass adjoint of ``[B, T, N]`` memory): 5 tiles per sequence, loop and look-back."""
     grid = lambda B, N: [dict(algorithm="lookback", block_n=2, block_t=8, num_warps=2),  # noqa: E731
                          dict(algorithm="loop", block_n=1, block_t=8, num_warps=2)]
-    rows = list(scan_sweep.sweep([(2, 40, 3)], torch.device("cpu"), warmup=0, rep=1, grid=grid, channel_major=True,
+    rows = list(scan_sweep.sweep([(2, 40, 3)], DEV, warmup=0, rep=1, grid=grid, channel_major=True,
                                  adjoint=adjoint))
     assert len(rows) == 2
     for r in rows:
