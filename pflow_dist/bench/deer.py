@@ -63,7 +63,7 @@ def crossover(rows: Sequence[BenchRow], ours: str = "ours", peer: str = "torch.n
     for r in rows:
         if r.impl != ours or (r.case, r.mode, peer) not in ms or (r.case, r.mode, ours) not in ms:
             continue
-        b, n, t = (int(part[len(key):]) for part, key in zip(r.case.split("-"), ("B", "nh", "T"), strict=True))
+        (b, n), t = r.shapes["h0"], r.shapes["x"][1]  # h0 [B, nh], x [B, T, I]
         groups.setdefault((b, n, r.mode), {})[t] = ms[(r.case, r.mode, peer)] / ms[(r.case, r.mode, ours)]
     out = []
     for (b, n, mode), by_t in sorted(groups.items()):
@@ -86,7 +86,6 @@ def _deer(method: str):
         return h, hT
 
     return run
-
 
 
 def _jax(inp):

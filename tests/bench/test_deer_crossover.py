@@ -11,7 +11,9 @@ from pflow_dist.bench.harness import BenchRow
 
 
 def _row(case: str, impl: str, ms: float | None, mode: str = "fwd+bwd") -> BenchRow:
-    return BenchRow(bench="deer", case=case, mode=mode, impl=impl, device="cpu", dtype="float32", shapes={},
+    b, n, t = (int(x.lstrip("Bnh").lstrip("T")) for x in case.split("-"))  # "B16-nh64-T256"
+    shapes = {"h0": [b, n], "x": [b, t, 3]}  # what crossover() reads B, nh and T from
+    return BenchRow(bench="deer", case=case, mode=mode, impl=impl, device="cpu", dtype="float32", shapes=shapes,
                     median_ms=ms, p20_ms=ms, p80_ms=ms, n_rep=1, peak_mem_bytes=None, versions={}, command="",
                     status="ok" if ms else "error")
 
