@@ -17,7 +17,7 @@ from torch.distributed import ProcessGroup
 from ..kernels.common.affine import compose, identity_map
 from ..kernels.scan.naive import check_scan_inputs
 from ..ops.flow import _nonfinite_counts, _raise_if_nonfinite, _resolve_backend, _validate, chunk_flow, flow_map
-from ..ops.scan import scan
+from ..ops.scan import resolve_backend, scan, scan_adjoint, scan_forward, scan_map
 from .combine import incoming_state, resolve_algorithm
 from .comm import group_rank_size
 
@@ -150,6 +150,44 @@ def sp_affine(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | No
     return local_scan(a, b, h_in), h_in
 
 
+class _SPDiagScan(torch.autograd.Function):
+    """The diagonal ``sp_scan`` over more than one rank, with one scan of the shard each way.
+
+    Forward: the shard's map ``(M, D)`` from one read (:func:`~pflow_dist.ops.scan.scan_map`, nothing of length T
+    written), ``h_in`` from the combine, then one scan from ``h_in``. Backward (the sp_deer adjoint, diagonal): the
+    gradient reaching this shard's end state from the later ranks, ``μ``, obeys ``μ_{p-1} = M_p ⊙ μ_p + E_p`` with
+    ``E_p = a_1 ⊙ λ⁰_1`` (``λ⁰``: the local adjoint from zero), the *reverse* combine of ``(M_p, E_p)``; then the local
+    adjoint with ``∂L/∂h_end += μ`` gives ``da``, ``db`` and the gradient at ``h_in``, which on rank 0 is the whole
+    sequence's ``∂L/∂h_0`` (sent to every rank, like :func:`~pflow_dist.dist.combine.incoming_state`'s). The map's own
+    gradient needs no pass: ``M`` and ``D`` reach the later ranks only through ``h_end = M ⊙ h_in + D``.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, h0, group, backend, algorithm):
+        M, D = scan_map(a, b, backend)
+        h_in = incoming_state(M, D, h0, group, diagonal=True, algorithm=algorithm)
+        h, _ = scan_forward(a, b, h_in, backend)
+        ctx.save_for_backward(a, h, h_in, M)
+        ctx.args = (group, backend, algorithm)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h_in, M = ctx.saved_tensors
+        group, backend, algorithm = ctx.args
+        first_gate = a[:, 0].to(M.dtype)
+        lam0 = scan_adjoint(a, dh, None, backend, out_dtype=M.dtype)[1]  # from zero beyond the shard
+        mu = incoming_state(M, first_gate * lam0, None, group, diagonal=True, reverse=True, algorithm=algorithm)
+        lam, lam_first, da = scan_adjoint(a, dh, mu, backend, h=h, h0=h_in, want_da=True, out_dtype=h.dtype)
+        dh0 = None
+        if ctx.needs_input_grad[2]:
+            rank = group_rank_size(group)[0]
+            dh0 = first_gate * lam_first if rank == 0 else torch.zeros_like(lam_first)
+            torch.distributed.all_reduce(dh0, group=group)
+            dh0 = dh0.to(h_in.dtype)
+        return da, lam, dh0, None, None, None
+
+
 def sp_scan(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -162,8 +200,9 @@ def sp_scan(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sequence-parallel affine scan ``h_t = A_t h_{t-1} + b_t`` over the ranks of ``group``.
 
-    The local work is the scan op (:func:`pflow_dist.ops.scan.scan`, see :func:`sp_affine`): a diagonal shard is
-    scanned from zero (its end state) and again from ``h_in``, a dense one takes a tree for its flow and one pass.
+    The local work is the scan op (:func:`pflow_dist.ops.scan.scan`): a diagonal shard is read once for its map and
+    scanned once from ``h_in`` (backward: one adjoint pass from zero for the reverse combine, one with da), a dense
+    one takes a tree for its flow and one pass (:func:`sp_affine`); one rank runs the scan op alone.
 
     Args:
         a: this rank's shard of the transitions, ``[B, T_p, N]`` (diagonal) or ``[B, T_p, N, N]`` (dense).
@@ -179,8 +218,13 @@ def sp_scan(
     Returns:
         ``(h [B, T_p, N], h_end [B, N] or None)`` in ``b``'s dtype (computed in float32, float64 for float64).
     """
-    check_scan_inputs(a, b, initial_state)
+    diagonal = check_scan_inputs(a, b, initial_state)
     acc = _acc_dtype(b)
+    if diagonal and group_rank_size(group)[1] > 1:
+        h0 = None if initial_state is None else initial_state.to(acc)
+        be = resolve_backend(backend, b.device, acc, b.shape[-1], True)
+        h = _SPDiagScan.apply(a.to(acc), b.to(acc), h0, group, be, resolve_algorithm(algorithm, group))
+        return h.to(b.dtype), (h[:, -1].to(b.dtype) if output_final_state else None)
     local = lambda a_, b_, h0: scan(a_, b_, h0, backend=backend)[0]  # noqa: E731
     h, _ = sp_affine(a.to(acc), b.to(acc), initial_state, group, local, algorithm)
     return h.to(b.dtype), (h[:, -1].to(b.dtype) if output_final_state else None)

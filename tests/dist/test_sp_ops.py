@@ -41,6 +41,9 @@ SCAN_CASES = [
     dict(B=1, T=18, N=3, diagonal=False, dtype=torch.float64),
     dict(B=2, T=29, N=4, diagonal=True, dtype=torch.float32),
 ]
+# the diagonal Triton scan (interpreter on CPU) under the sequence-parallel path: the shard's map from one read
+# (several tiles: T = 300 on up to 3 ranks, 100-step shards), one scan forward, the reverse combine + one adjoint back
+TRITON_SCAN_CASES = [dict(B=2, T=300, N=5, diagonal=True, dtype=torch.float32, backend="triton")]
 
 
 def _flow_inputs(c, seed=0):
@@ -98,7 +101,7 @@ def _scan_worker(rank, world, cases):
         s, e = shard_bounds(T, world)[rank]
         loc = [a[:, s:e].clone().requires_grad_(True), b[:, s:e].clone().requires_grad_(True),
                h0.clone().requires_grad_(True)]
-        h_p, hT_p = sp_scan(*loc, group=dist.group.WORLD, output_final_state=True)
+        h_p, hT_p = sp_scan(*loc, group=dist.group.WORLD, output_final_state=True, backend=c.get("backend", "auto"))
         last = rank == world - 1
         loss = (h_p.double() * gh[:, s:e]).sum() + ((hT_p.double() * gT).sum() if last else 0)
         grads = torch.autograd.grad(loss, loc)
@@ -133,6 +136,12 @@ def test_sp_flow_triton_equals_single_process(world):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sp_scan_equals_single_process(world):
     _check(run_distributed(_scan_worker, world, SCAN_CASES, timeout_s=240), SCAN_CASES)
+
+
+@pytest.mark.skipif(not interpreting(), reason="CPU ranks run the Triton kernels through the interpreter only")
+@pytest.mark.parametrize("world", [2, 3])
+def test_sp_scan_triton_equals_single_process(world):
+    _check(run_distributed(_scan_worker, world, TRITON_SCAN_CASES, timeout_s=300), TRITON_SCAN_CASES)
 
 
 def _bad_shard_on_rank_one(rank, world):
