@@ -62,6 +62,10 @@ def _worker(
             world_size=world_size,
             timeout=timedelta(seconds=collective_timeout_s),
         )
+        # every rank through the rendezvous before any can finish: gloo may return from init on one rank while a
+        # peer still connects, and a rank that ran a collective-free fn and destroyed its group at once made that
+        # peer fail ("connectFullMesh failed ... Connection closed by peer", seen under load)
+        dist.barrier()
         try:
             out = fn(rank, world_size, *args)
         finally:
