@@ -37,9 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .diag_tiles import _combine_recent_first, _last_row, _load_tile, _scan_tile, _scan_tiles, _store_tile
+from .diag_tiles import _combine_recent_first, _load_tile, _row, _scan_tile, _scan_tiles, _store_tile
 
-__all__ = ["LOOP_MIN_SEQS", "SENTINEL", "diag_scan_map", "diag_scan_triton", "diag_tile_config", "is_channel_major"]
+__all__ = ["LOOP_MIN_SEQS", "SENTINEL", "diag_scan_map", "diag_scan_triton", "diag_tile_config",
+           "is_channel_major", "to_channel_major"]
 
 # A signalling-NaN bit pattern arithmetic never produces (GPUs return the canonical NaN 0x7FFFFFFF): "not published".
 SENTINEL = 0x7FA0DEAD
@@ -115,8 +116,8 @@ def _lookback_diag_scan(
             fa = tl.where(fold, tl.where(wa == _SENT, 0x3F800000, wa).to(tl.float32, bitcast=True), 1.0)
             fb = tl.where(fold, tl.where(wb == _SENT, 0, wb).to(tl.float32, bitcast=True), 0.0)
             Ma, Mb = tl.associative_scan((fa, fb), 0, _combine_recent_first)
-            Ma = _last_row(Ma, w, WINDOW)
-            Mb = _last_row(Mb, w, WINDOW)
+            Ma = _row(Ma, w, WINDOW - 1)
+            Mb = _row(Mb, w, WINDOW - 1)
             acc_b = acc_a * Mb + acc_b  # acc ∘ M: the folded (older) maps first, then acc
             acc_a = acc_a * Ma
             found = first_inc < first_missing
@@ -298,13 +299,21 @@ def is_channel_major(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
 
 
+def to_channel_major(x: torch.Tensor) -> torch.Tensor:
+    """The values of a ``[B, T, N]`` tensor stored channel-major (``[B, N, T]`` memory), copied only if needed."""
+    return x if is_channel_major(x) else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _layout(*xs: torch.Tensor | None) -> bool:
     """The shared memory layout of the ``[B, T, N]`` tensors ``xs`` (True: channel-major); a mix is an error."""
-    cms = {is_channel_major(x) for x in xs if x is not None}
+    cms = set()
     for x in xs:
-        if x is not None and not (x.is_contiguous() or x.transpose(1, 2).is_contiguous()):
+        if x is None:
+            continue
+        if not (x.is_contiguous() or x.transpose(1, 2).is_contiguous()):
             raise ValueError(f"the diagonal scan kernels take [B, T, N] tensors stored [B, T, N] or [B, N, T] "
                              f"(contiguous, or a transposed contiguous [B, N, T]), got strides {x.stride()}")
+        cms.add(is_channel_major(x))
     if len(cms) > 1:
         raise ValueError("a, b (and h) must share one memory layout: all [B, T, N]-contiguous or all channel-major")
     return cms.pop() if cms else False

@@ -24,8 +24,9 @@ def _combine_recent_first(a1, b1, a2, b2):
 
 
 @triton.jit
-def _last_row(x, rows, n_rows: tl.constexpr):
-    return tl.sum(tl.where(rows[:, None] == n_rows - 1, x, 0.0), axis=0)
+def _row(x, rows, i):
+    """Row ``i`` of a 2-D tile (``rows`` its row indices) as a vector."""
+    return tl.sum(tl.where(rows[:, None] == i, x, 0.0), axis=0)
 
 
 @triton.jit
@@ -69,13 +70,11 @@ def _scan_tile(a, b, REVERSE: tl.constexpr, CM: tl.constexpr, BLOCK_T: tl.conste
     rows = tl.arange(0, BLOCK_T)
     if REVERSE and CM:
         A_loc, B_loc = tl.associative_scan((a, b), 0, _combine, reverse=True)
-        agg_a = tl.sum(tl.where(rows[:, None] == 0, A_loc, 0.0), axis=0)
-        agg_b = tl.sum(tl.where(rows[:, None] == 0, B_loc, 0.0), axis=0)
+        end = 0
     else:
         A_loc, B_loc = tl.associative_scan((a, b), 0, _combine)
-        agg_a = _last_row(A_loc, rows, BLOCK_T)
-        agg_b = _last_row(B_loc, rows, BLOCK_T)
-    return A_loc, B_loc, agg_a, agg_b
+        end = BLOCK_T - 1
+    return A_loc, B_loc, _row(A_loc, rows, end), _row(B_loc, rows, end)
 
 
 @triton.jit

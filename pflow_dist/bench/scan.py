@@ -171,6 +171,7 @@ def verify_rows(rows: list[BenchRow], device: torch.device, quick: bool, case_fi
     """Relative RMS error of ``ours`` / ``ours-bct`` / ``ours-3pass`` (h, da, db) against the torch path on the same
     device and inputs, for every case (the float64 loop is too slow at 2^28 elements), into
     ``extra.rel_err_vs_torch``."""
+    from ..kernels.scan.diag import to_channel_major
     from ..ops.scan import _Scan, scan
     from ..testing import error_stats
 
@@ -186,8 +187,8 @@ def verify_rows(rows: list[BenchRow], device: torch.device, quick: bool, case_fi
         for impl, kw in (("ours", None), ("ours-bct", None), ("ours-3pass", {"algorithm": "chunk"})):
             try:
                 # ours-bct: the same values stored [B, N, T] (the peer's layout), as leaves of their own
-                x = tuple(t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-                          for t in (a, b)) if impl == "ours-bct" else (a, b)
+                x = ((a, b) if impl != "ours-bct"
+                     else tuple(to_channel_major(t.detach()).requires_grad_() for t in (a, b)))
                 h = _Scan.apply(*x, None, "triton", kw)[0]
                 out = [h.detach(), *torch.autograd.grad(h, x, g)]
                 del x

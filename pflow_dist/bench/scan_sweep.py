@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels.scan.diag import diag_scan_triton
+from ..kernels.scan.diag import diag_scan_triton, to_channel_major
 from .harness import measure
 from .scan import copy_bandwidth
 
@@ -97,7 +97,7 @@ def sweep(cases: Sequence[tuple[int, int, int]], device: torch.device, warmup: i
 
         ref = call(a, b, h, dict(algorithm="chunk"))
         if channel_major:
-            a, b, h = (None if x is None else x.transpose(1, 2).contiguous().transpose(1, 2) for x in (a, b, h))
+            a, b, h = (None if x is None else to_channel_major(x) for x in (a, b, h))
         for kw in grid(B, N):
             row: dict = dict(case=f"B{B}-T{T}-N{N}", **kw, **({"layout": "BNT"} if channel_major else {}),
                              **({"kernel": "adjoint"} if adjoint else {}))

@@ -224,7 +224,7 @@ def sp_scan(
         h0 = None if initial_state is None else initial_state.to(acc)
         be = resolve_backend(backend, b.device, acc, b.shape[-1], True)
         h = _SPDiagScan.apply(a.to(acc), b.to(acc), h0, group, be, resolve_algorithm(algorithm, group))
-        return h.to(b.dtype), (h[:, -1].to(b.dtype) if output_final_state else None)
-    local = lambda a_, b_, h0: scan(a_, b_, h0, backend=backend)[0]  # noqa: E731
-    h, _ = sp_affine(a.to(acc), b.to(acc), initial_state, group, local, algorithm)
+    else:
+        local = lambda a_, b_, h0: scan(a_, b_, h0, backend=backend)[0]  # noqa: E731
+        h, _ = sp_affine(a.to(acc), b.to(acc), initial_state, group, local, algorithm)
     return h.to(b.dtype), (h[:, -1].to(b.dtype) if output_final_state else None)

@@ -62,11 +62,10 @@ def structured_dense(coef: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
 def _diag_operands(a: torch.Tensor, *xs: torch.Tensor | None) -> tuple:
     """``a`` and ``xs`` (``[B, T, N]`` each) in one memory layout for the diagonal Triton kernels: channel-major
     (``[B, N, T]`` memory) when ``a`` is, contiguous otherwise; tensors already in it are not copied."""
-    from ..kernels.scan.diag import is_channel_major  # noqa: PLC0415
+    from ..kernels.scan.diag import is_channel_major, to_channel_major  # noqa: PLC0415
 
     if is_channel_major(a):
-        return (a, *(x if x is None or is_channel_major(x) else x.transpose(1, 2).contiguous().transpose(1, 2)
-                     for x in xs))
+        return (a, *(None if x is None else to_channel_major(x) for x in xs))
     return (a.contiguous(), *(None if x is None else x.contiguous() for x in xs))
 
 

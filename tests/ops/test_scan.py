@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pflow_dist.kernels.scan.diag import to_channel_major
 from pflow_dist.kernels.scan.naive import naive_scan
 from pflow_dist.ops.scan import scan, scan_adjoint, scan_forward
 from pflow_dist.testing import assert_close, kernel_device
@@ -121,7 +122,7 @@ def test_scan_map_is_the_sequence_map(T):
     from pflow_dist.kernels.scan.diag import diag_scan_map
 
     for M, D in (diag_scan_map(a, b, block_t=8, block_n=4), scan_map(a, b, "torch"),
-                 diag_scan_map(channel_major(a), channel_major(b), block_t=8, block_n=2)):
+                 diag_scan_map(to_channel_major(a), to_channel_major(b), block_t=8, block_n=2)):
         assert M.shape == D.shape == h0.shape and M.dtype == torch.float32
         assert_close("h_T from the map", rT, M * h0 + D, 2e-5)
         assert_close("M", a.double().prod(dim=1), M, 2e-5)
@@ -150,11 +151,6 @@ def test_diag_auto_algorithm_channel_major():
     assert auto_algorithm(1, n - CM_LOOP_TILE[1], channel_major=True) == dict(algorithm="lookback")
 
 
-def channel_major(x):
-    """The same ``[B, T, N]`` values stored ``[B, N, T]`` (T contiguous)."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 @pytest.mark.parametrize("kw", [dict(algorithm="lookback", window=4), dict(algorithm="lookback", window=4,
                                                                             publish_inclusive=False),
                                 dict(algorithm="lookback", segment=3), dict(algorithm="loop"),
@@ -169,7 +165,7 @@ def test_diag_triton_channel_major(kw):
 
     a, b, h0 = make(2, 61, 5, True, torch.float32, seed=5)
     kw = dict(dict(block_t=8, block_n=2), **kw)
-    a, b = channel_major(a), channel_major(b)
+    a, b = to_channel_major(a), to_channel_major(b)
     h, hT = scan_forward(a, b, h0, "triton", **kw)
     g, gT = torch.randn(a.shape, device=DEV), torch.randn_like(h0)
     lam, lam0, da = scan_adjoint(a, g, gT, "triton", h=h, h0=h0, want_da=True, **kw)
@@ -185,10 +181,19 @@ def test_scan_channel_major_autograd():
     from pflow_dist.kernels.scan.diag import is_channel_major
 
     a, b, h0 = make(2, 40, 6, True, torch.float32, seed=2)
-    check_scan(channel_major(a), channel_major(b), h0, "triton", TOL[torch.float32])
-    a, b = (channel_major(x).requires_grad_() for x in (a, b))
+    check_scan(to_channel_major(a), to_channel_major(b), h0, "triton", TOL[torch.float32])
+    a, b = (to_channel_major(x).requires_grad_() for x in (a, b))
     da, db = torch.autograd.grad(scan(a, b, backend="triton")[0].sum(), (a, b))
     assert is_channel_major(da) and is_channel_major(db)
+
+
+def test_to_channel_major_keeps_values_and_copies_once():
+    from pflow_dist.kernels.scan.diag import is_channel_major
+
+    x = torch.randn(2, 7, 3)
+    y = to_channel_major(x)
+    assert is_channel_major(y) and not is_channel_major(x) and torch.equal(x, y)
+    assert to_channel_major(y) is y  # already channel-major: no copy
 
 
 def test_diag_triton_layout_errors():
@@ -197,7 +202,7 @@ def test_diag_triton_layout_errors():
 
     a, b, _ = make(1, 12, 4, True, torch.float32)
     with pytest.raises(ValueError, match="one memory layout"):
-        diag_scan_triton(channel_major(a), b, None)
+        diag_scan_triton(to_channel_major(a), b, None)
     with pytest.raises(ValueError, match="transposed contiguous"):
         diag_scan_triton(a[:, ::2], b[:, ::2], None)
 
