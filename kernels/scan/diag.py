@@ -296,11 +296,17 @@ def is_channel_major(x: torch.Tensor) -> bool:
     """Whether a ``[B, T, N]`` tensor is stored channel-major (``[B, N, T]`` memory, T contiguous, e.g. the
     ``transpose(1, 2)`` view of a contiguous ``[B, N, T]`` tensor) and not also plain contiguous (N = 1 or T = 1 are
     both: those run time-major)."""
-    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+    return x.dim() == 3 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
 
 
 def to_channel_major(x: torch.Tensor) -> torch.Tensor:
-    """The values of a ``[B, T, N]`` tensor stored channel-major (``[B, N, T]`` memory), copied only if needed."""
+    """The values of a ``[B, T, N]`` tensor stored channel-major (``[B, N, T]`` memory), copied only if needed.
+
+    Raises:
+        ValueError: ``x`` is not 3-D.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"to_channel_major takes a [B, T, N] tensor, got shape {list(x.shape)}")
     return x if is_channel_major(x) else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 

@@ -194,6 +194,9 @@ def test_to_channel_major_keeps_values_and_copies_once():
     y = to_channel_major(x)
     assert is_channel_major(y) and not is_channel_major(x) and torch.equal(x, y)
     assert to_channel_major(y) is y  # already channel-major: no copy
+    assert not is_channel_major(torch.randn(4, 5).t())  # a transposed matrix is not a [B, T, N] layout
+    with pytest.raises(ValueError, match=r"\[B, T, N\] tensor, got shape \[4, 5\]"):
+        to_channel_major(torch.randn(4, 5))
 
 
 def test_diag_triton_layout_errors():
