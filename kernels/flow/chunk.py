@@ -201,7 +201,9 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     rows = p.B * p.H * p.NT * p.BT
     dVn = torch.empty(rows, p.V, device=dev, dtype=inter)  # as fla: its dv2 is stored in the input dtype
     P = num_groups(p, dev, _cfg("groups"))
-    fuse_dvl = P == 1 and boundary is None and bool(_cfg("fuse_dvl"))
+    # fused only with one group: its map pass (a sequence-parallel boundary) and true pass both recompute Attᵀ dO,
+    # still cheaper than the dvlocal kernel; P > 1 groups would recompute it in every group twice
+    fuse_dvl = P == 1 and bool(_cfg("fuse_dvl"))
     if not fuse_dvl:
         chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
             q, k, do, Gp, dVn, scale, p.T, p.NT,

@@ -70,8 +70,8 @@ def chunk_flow_state_bwd_kernel(
     # reverse over chunks [i_g·L, min(NT, i_g·L + L)) from the group's end gradient dht[(b·H + h)·P + g].
     # dS_start = Φ dS_end + E with Φ = e^{G_end} I − Wᵀ diag(κ) K per chunk, E = (e^G qs)ᵀ dO − Wᵀ dVn_local.
     # MAP: the tile is [Φ | E] over the group (K + V columns, from [I | 0]); dh and dVn are not stored.
-    # FUSE_DVL (not MAP): dVn_local = Attᵀ dO is computed here (the dvlocal kernel's work, off the recurrence's
-    # critical path) instead of read from dVn, which is then only written.
+    # FUSE_DVL: dVn_local = Attᵀ dO is computed here (the dvlocal kernel's work, off the recurrence's critical path)
+    # instead of read from dVn, which is then only written (not at all in MAP mode).
     i_v, i_bh, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     P = tl.num_programs(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -112,12 +112,15 @@ def chunk_flow_state_bwd_kernel(
             b_k = b_k.to(DT)
             b_q = (b_q.to(tl.float32) * scale).to(DT)
         if MAP:
-            p_rv = (bh64 * NT * BT + i_c * BT) * V + (tl.arange(0, BT) * V)[:, None] + (o_c - K)[None, :]
-            b_dvn = tl.load(dVn + p_rv, mask=m_inh, other=0.0).to(tl.float32)
-            b_dvn += tl.dot(b_k, b_dh.to(DT), input_precision=PREC)
             p_do = do + ((i_b.to(tl.int64) * T + t0) * H + i_h) * V
             p_do += (tl.arange(0, BQ) * (H * V))[:, None] + (o_c - K)[None, :]
             b_do = tl.load(p_do, mask=(t0 + tl.arange(0, BQ) < t_q)[:, None] & m_inh, other=0.0).to(DT)
+            if FUSE_DVL:  # b_do is zero in the Φ columns, so is Attᵀ dO there
+                b_dvn = tl.dot(tl.trans(b_s).to(DT), b_do, input_precision=PREC)
+            else:
+                p_rv = (bh64 * NT * BT + i_c * BT) * V + (tl.arange(0, BT) * V)[:, None] + (o_c - K)[None, :]
+                b_dvn = tl.load(dVn + p_rv, mask=m_inh, other=0.0).to(tl.float32)
+            b_dvn += tl.dot(b_k, b_dh.to(DT), input_precision=PREC)
         else:
             b_do = load_rows(do, i_b, i_h, t0, t_q, T, H, 1, V, c0, BQ, 1, BV).to(DT)
             if FUSE_DVL:

@@ -99,10 +99,10 @@ def state_fwd(k, W, U, Gp, h0, h, Vn, p, P: int, store_ht: bool, launch: dict, c
 def state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P: int, need_dh0: bool, launch: dict, consts: dict,
               fuse_dvl: bool = False, boundary: Boundary | None = None):
     """Fill ``dh`` (gradients of the chunk-end states) and complete ``dVn`` (holding Attᵀ dO on entry, or, with
-    ``fuse_dvl`` and one group, nothing: the kernel computes that term itself); return dS_0 (fp32) when asked.
+    ``fuse_dvl``, nothing: the passes compute that term themselves); return dS_0 (fp32) when asked.
 
     ``boundary``: as in :func:`state_fwd` for the reverse pass: called with its map ``(Φ, E)``, dS_start = Φ dS_end
-    + E over the whole pass, it returns the true dS_end, which replaces ``dht`` (``fuse_dvl`` is then ignored)."""
+    + E over the whole pass, it returns the true dS_end, which replaces ``dht``."""
     BH, K, V = p.B * p.H, p.K, p.V
     P, L = _groups(p, P)
     if P == 1 and boundary is None:
@@ -115,7 +115,7 @@ def state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P: int, need_dh0: bool, l
     maps = torch.empty(BH * P, K, K + V, device=k.device, dtype=torch.float32)
     chunk_flow_state_bwd_kernel[(triton.cdiv(K + V, p.BVS), BH, P)](
         q, k, W, do, Gp, W, dh, dVn, maps, scale, p.T, p.NT, L,
-        USE_DHT=False, STORE_DH0=True, MAP=True, FUSE_DVL=False, **consts, **launch,
+        USE_DHT=False, STORE_DH0=True, MAP=True, FUSE_DVL=fuse_dvl, **consts, **launch,
     )
     maps = maps.view(BH, P, K, K + V)
     S = dht.view(BH, K, V) if dht is not None else torch.zeros(BH, K, V, device=k.device, dtype=torch.float32)
@@ -128,6 +128,6 @@ def state_bwd(q, k, W, do, Gp, dht, dh, dVn, scale, p, P: int, need_dh0: bool, l
     dhtg = torch.stack(ends, dim=1).contiguous()
     chunk_flow_state_bwd_kernel[(triton.cdiv(V, p.BVS), BH, P)](
         q, k, W, do, Gp, dhtg, dh, dVn, W, scale, p.T, p.NT, L,
-        USE_DHT=True, STORE_DH0=False, MAP=False, FUSE_DVL=False, **consts, **launch,
+        USE_DHT=True, STORE_DH0=False, MAP=False, FUSE_DVL=fuse_dvl, **consts, **launch,
     )
     return S.view(p.B, p.H, K, V) if need_dh0 else None

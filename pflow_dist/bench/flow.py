@@ -30,7 +30,6 @@ B4 T8192 H16 D128 (torch profiler), forward and forward+backward.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import time
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 from ..kernels.flow.chunk import KERNEL_NAMES
 from ..kernels.flow.naive import naive_chunk_flow
-from .registry import Bench, Case, Impl
+from .registry import Bench, Case, Impl, own_process_group
 
 _QUICK = [(1, 64, 2, 16), (2, 100, 2, 32)]
 _FULL = [(4, 8192, 16, 128), (1, 65536, 16, 128), (8, 4096, 32, 64),
@@ -101,23 +100,6 @@ def _ours_sum(inp):
     if _rank(inp) == 1:
         raise ValueError("R=1: the sum form is the same op as 'ours'")
     return _chunk_flow(inp, rank_form="sum")
-
-
-@contextlib.contextmanager
-def _own_process_group():
-    """``ours-sp`` outside a distributed job: a gloo group of this process alone (the combine has nobody to talk to),
-    torn down after the case so that nothing run later in the process finds a default group; a job's group is
-    used as it is."""
-    import torch.distributed as dist  # noqa: PLC0415
-
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _ours_sp(inp):
@@ -180,7 +162,7 @@ BENCH = Bench(
         Impl("ours", _ours, _ours_unavailable, "pflow-dist"),
         Impl("ours-checked", _ours_checked, _ours_unavailable, "pflow-dist"),
         Impl("ours-sum", _ours_sum, _ours_unavailable, "pflow-dist", lambda inp: _reference(inp, "sum")),
-        Impl("ours-sp", _ours_sp, _ours_unavailable, "pflow-dist", context=_own_process_group),
+        Impl("ours-sp", _ours_sp, _ours_unavailable, "pflow-dist", context=own_process_group),
         Impl("fla", _fla, _fla_unavailable, "fla-core"),
         Impl("torch-chunked", _torch_chunked("inverse"), _torch_unavailable),
         Impl("torch-sigdelta", _torch_chunked("sigdelta"), _torch_unavailable),

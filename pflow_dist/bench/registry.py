@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from ..testing.compare import error_stats
 from .harness import BenchRow, command_line, device_name, measure, versions
 
-__all__ = ["BENCHES", "Bench", "Case", "Impl", "get_bench", "run_bench"]
+__all__ = ["BENCHES", "Bench", "Case", "Impl", "get_bench", "own_process_group", "run_bench"]
 
 Inputs = dict[str, torch.Tensor]
 
@@ -91,6 +91,23 @@ class Bench:
         default=lambda inputs: {k: list(v.shape) for k, v in inputs.items()}
     )
     finalize: Callable[[list[BenchRow], torch.device, list[Case]], list[BenchRow]] | None = None
+
+
+@contextmanager
+def own_process_group():
+    """An :class:`Impl` context for a sequence-parallel op measured outside a distributed job: a gloo group of this
+    process alone (its combine, with ``algorithm="doubling"``, has nobody to talk to and sends nothing), torn down
+    after the case so that nothing run later in the process finds a default group; a job's group is used as it is."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def get_bench(name: str) -> Bench:

@@ -5,6 +5,9 @@ Implementations, on the same values (the peer gets them in its [B, C, T] layout,
 - ``ours-bct``: the same op on the peer's memory: ``[B, C, T]`` tensors passed as their ``transpose(1, 2)`` views
   (channel-major ``[B, T, N]``, run by the kernels without a copy);
 - ``ours-3pass``: the same op with the three-pass chunked Triton algorithm;
+- ``ours-sp`` / ``ours-sp-bct``: the per-rank work of ``sp_scan`` (``pflow_dist.dist.sp_ops``: the shard's map from one
+  read, one scan; backward one adjoint from zero, one with da) on a one-rank process group, in the two memory
+  layouts: what each GPU computes under sequence parallelism, without the communication (one GPU suffices);
 - ``torch``: the chunked log-depth plain-torch scan (``backend="torch"``, the CPU path, run on the same device);
 - ``accelerated-scan``: ``accelerated_scan.scalar.scan`` (Triton, one program per sequence), when installed;
 - ``accelerated-scan-warp``: ``accelerated_scan.warp.scan`` (its CUDA kernel, compiled on first use by
@@ -18,6 +21,7 @@ and fraction of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 
@@ -25,7 +29,7 @@ import torch
 
 from ..kernels.scan.naive import naive_scan
 from .harness import BenchRow, measure
-from .registry import Bench, Case, Impl
+from .registry import Bench, Case, Impl, own_process_group
 
 _ELEMENTS = 2**28
 _QUICK = [(4, 2**10, 8), (1, 3000, 5)]
@@ -66,6 +70,20 @@ def _ours_bct(inp):
     from ..ops.scan import scan
 
     return scan(inp["a_bct"].transpose(1, 2), inp["b_bct"].transpose(1, 2))
+
+
+def _sp_scan(a, b):
+    from ..dist.sp_ops import _SPDiagScan  # the multi-rank path, which sp_scan skips on a group of one rank
+
+    return (_SPDiagScan.apply(a, b, None, None, "triton", "doubling"),)
+
+
+def _ours_sp(inp):
+    return _sp_scan(inp["a"], inp["b"])
+
+
+def _ours_sp_bct(inp):
+    return _sp_scan(inp["a_bct"].transpose(1, 2), inp["b_bct"].transpose(1, 2))
 
 
 def _ours_3pass(inp):
@@ -110,6 +128,12 @@ def _cuda_only(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "Triton kernels need a CUDA device (the interpreter is for tests)"
 
 
+def _kernels_run_here(device: torch.device) -> str | None:
+    from ..testing import interpreting
+
+    return None if interpreting() else _cuda_only(device)
+
+
 def _accel_unavailable(device: torch.device) -> str | None:
     if importlib.util.find_spec("accelerated_scan") is None:
         return "accelerated-scan is not installed"
@@ -126,6 +150,8 @@ BENCH = Bench(
     cases=_cases,
     make_inputs=_inputs,
     impls=[Impl("ours", _ours), Impl("ours-bct", _ours_bct, _cuda_only), Impl("ours-3pass", _ours_3pass, _cuda_only),
+           Impl("ours-sp", _ours_sp, _kernels_run_here, context=own_process_group),
+           Impl("ours-sp-bct", _ours_sp_bct, _cuda_only, context=own_process_group),
            Impl("torch", _torch),
            Impl("accelerated-scan", _accel, _accel_unavailable, package="accelerated-scan"),
            Impl("accelerated-scan-warp", _accel_warp, _accel_warp_unavailable, package="accelerated-scan")],
@@ -167,12 +193,24 @@ def finalize_rows(rows: list[BenchRow], device: torch.device, cases: list[Case] 
 BENCH = dataclasses.replace(BENCH, finalize=finalize_rows)
 
 
+def _verified() -> dict[str, tuple]:
+    """The implementations ``--verify`` checks: name -> (``fn(a, b) -> h`` on [B, T, N] views, channel-major memory,
+    context)."""
+    from ..ops.scan import _Scan
+
+    on = lambda kw: lambda a, b: _Scan.apply(a, b, None, "triton", kw)[0]  # noqa: E731
+    sp = lambda a, b: _sp_scan(a, b)[0]  # noqa: E731
+    return {"ours": (on(None), False, None), "ours-bct": (on(None), True, None),
+            "ours-3pass": (on({"algorithm": "chunk"}), False, None),
+            "ours-sp": (sp, False, own_process_group), "ours-sp-bct": (sp, True, own_process_group)}
+
+
 def verify_rows(rows: list[BenchRow], device: torch.device, quick: bool, case_filter: list[str]) -> None:
-    """Relative RMS error of ``ours`` / ``ours-bct`` / ``ours-3pass`` (h, da, db) against the torch path on the same
-    device and inputs, for every case (the float64 loop is too slow at 2^28 elements), into
+    """Relative RMS error of our implementations (h, da, db; see :func:`_verified`) against the torch path on the
+    same device and inputs, for every case (the float64 loop is too slow at 2^28 elements), into
     ``extra.rel_err_vs_torch``."""
     from ..kernels.scan.diag import to_channel_major
-    from ..ops.scan import _Scan, scan
+    from ..ops.scan import scan
     from ..testing import error_stats
 
     for case in BENCH.cases(quick):
@@ -184,14 +222,15 @@ def verify_rows(rows: list[BenchRow], device: torch.device, quick: bool, case_fi
         h_ref = scan(a, b, backend="torch")[0]
         ref = [h_ref.detach(), *torch.autograd.grad(h_ref, (a, b), g)]
         del h_ref
-        for impl, kw in (("ours", None), ("ours-bct", None), ("ours-3pass", {"algorithm": "chunk"})):
+        for impl, (fn, channel_major, context) in _verified().items():
             try:
-                # ours-bct: the same values stored [B, N, T] (the peer's layout), as leaves of their own
-                x = ((a, b) if impl != "ours-bct"
+                # channel-major: the same values stored [B, N, T] (the peer's layout), as leaves of their own
+                x = ((a, b) if not channel_major
                      else tuple(to_channel_major(t.detach()).requires_grad_() for t in (a, b)))
-                h = _Scan.apply(*x, None, "triton", kw)[0]
-                out = [h.detach(), *torch.autograd.grad(h, x, g)]
-                del x
+                with context() if context is not None else contextlib.nullcontext():
+                    h = fn(*x)
+                    out = [h.detach(), *torch.autograd.grad(h, x, g)]
+                del x, h
                 err = {k: error_stats(r, o).rms_ratio for k, r, o in zip(("h", "da", "db"), ref, out)}
             except Exception as e:
                 err = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -218,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rep", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--verify", action="store_true",
-                   help="ours, ours-bct and ours-3pass vs the torch path, fwd and grads")
+                   help="ours, ours-bct, ours-3pass, ours-sp and ours-sp-bct vs the torch path, fwd and grads")
     p.add_argument("--verify-case", action="append", default=[], help="verify only these cases")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -139,3 +139,18 @@ def test_scan_bench_warp_peer_refuses_what_it_cannot_run(tmp_path):
     for T in (3000, 2**17):
         with pytest.raises(ValueError, match=f"power-of-two T <= 65536, got T={T}"):
             scan_bench._accel_warp({"a": torch.empty(1, T, 1)})
+
+
+def test_scan_bench_sp_rows_and_verify(device):
+    """ours-sp (sp_scan's multi-rank path on a one-rank group) gives the scan's values and gradients, in rows and in
+    --verify with every implementation; no process group is left behind."""
+    from pflow_dist.bench import scan as scan_bench
+
+    rows = run_bench(scan_bench.BENCH, device=device, quick=True, case_filter=["B1-T3000-N5"],
+                     impl_filter=["ours-sp"], warmup=0, rep=1)
+    assert {r.mode for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r.status == "ok" and r.extra["rel_err"] < 1e-5 for r in rows), [r.extra for r in rows]
+    scan_bench.verify_rows(rows, device, True, ["B1-T3000-N5"])
+    err = rows[0].extra["rel_err_vs_torch"]
+    assert set(err) == {"h", "da", "db"} and max(err.values()) < 1e-5, err
+    assert not torch.distributed.is_initialized()

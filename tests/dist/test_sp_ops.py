@@ -27,10 +27,12 @@ FLOW_CASES = [
     dict(B=2, T=17, H=1, R=2, K=3, V=3, gated=True, rank_form="product", dtype=torch.float64),
     dict(B=2, T=21, H=2, R=2, K=4, V=4, gated=True, rank_form="sum", dtype=torch.float32),
 ]
-# the Triton kernels (interpreter on CPU): the combine inside the grouped state passes, one group per shard or more
-# (FLOW_CFG groups=2), the backward that keeps or recomputes the intermediates (save=0), gated, product form, R > 1
+# the Triton kernels (interpreter on CPU): the combine inside the grouped state passes, one group per shard (whose
+# reverse passes compute Attᵀ dO themselves, gated or not) or more (FLOW_CFG groups=2), the backward that keeps or
+# recomputes the intermediates (save=0), gated, product form, R > 1
 TRITON_CASES = [
     dict(B=2, T=45, H=2, R=1, K=16, V=12, gated=False, rank_form="sum", dtype=torch.float32, backend="triton", C=8),
+    dict(B=1, T=37, H=2, R=2, K=16, V=8, gated=True, rank_form="sum", dtype=torch.float32, backend="triton", C=8),
     dict(B=1, T=50, H=1, R=2, K=16, V=8, gated=True, rank_form="product", dtype=torch.float32, backend="triton",
          C=8, flow_cfg="groups=2"),
     dict(B=1, T=41, H=2, R=3, K=12, V=10, gated=True, rank_form="sum", dtype=torch.float32, backend="triton", C=8,
