@@ -227,11 +227,12 @@ def test_recomputing_backward(device, monkeypatch):
     _check_against_reference(x, form, C, "triton", TOL[torch.float32])
 
 
-@pytest.mark.parametrize("fuse", [1, 0])
+@pytest.mark.parametrize("cfg", ["fuse_dvl=1", "fuse_dvl=0", "fuse_dvl=2,groups=3"])
 @pytest.mark.parametrize("name", ["gated-T63-K24", "product-R3-gated-T19", "sum-R3-gated-T19"])
-def test_local_dvn_fused_or_not(name, fuse, device, monkeypatch):
-    # the reverse state pass computing Attᵀ dO itself (fuse=1, the default) or reading it from the dvlocal kernel
-    monkeypatch.setenv("FLOW_CFG", f"fuse_dvl={fuse}")
+def test_local_dvn_fused_or_not(name, cfg, device, monkeypatch):
+    # the reverse state pass computing Attᵀ dO itself (fuse_dvl=1, the default), reading it from the dvlocal kernel
+    # (0), or the grouped passes (map and true pass of each group) computing it (2)
+    monkeypatch.setenv("FLOW_CFG", cfg)
     _, R, form, gated, B, T, H, K, V, C = BY_ID[name]
     x = _inputs(R, gated, B, T, H, K, V, torch.float32, device)
     _check_against_reference(x, form, C, "triton", TOL[torch.float32])
