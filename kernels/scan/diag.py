@@ -211,9 +211,12 @@ def chunk_diag_scan_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Three-pass scan. PHASE 0: store each tile's aggregate map to agg [B, n_chunks, N];
-    PHASE 1: rescan each tile from its carry-in [B, n_chunks, N] and store h (and da in the adjoint)."""
-    chunk = tl.program_id(0)
-    seq = tl.program_id(1)
+    PHASE 1: rescan each tile from its carry-in [B, n_chunks, N] and store h (and da in the adjoint).
+    One grid axis of n_chunks · n_seq programs, tiles of a sequence adjacent (a second axis holds at most 65535:
+    channel-major memory has one sequence per channel, B · N of them)."""
+    pid = tl.program_id(0)
+    chunk = pid % n_chunks
+    seq = pid // n_chunks
     bi = seq // G
     offs_n = (seq % G) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -430,7 +433,7 @@ def diag_scan_triton(
     agg_b = torch.empty_like(agg_a)
     common = dict(REVERSE=reverse, HAS_DA=want_da, HAS_H0_DA=h0 is not None, CM=cm, BLOCK_T=bt, BLOCK_N=bn,
                   num_warps=warps)
-    chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, agg_a, out, hp, h0p, dap, T, N, G, n_chunks,
+    chunk_diag_scan_fwd_kernel[(n_chunks * n_seq,)](a, b, agg_a, agg_b, agg_a, out, hp, h0p, dap, T, N, G, n_chunks,
                                                   PHASE=0, **common)
     # states at the end of every tile: the same scan over the tile maps (already in scan order), from init
     if n_chunks > 1:
@@ -441,7 +444,7 @@ def diag_scan_triton(
     else:
         carry = init.float().unsqueeze(1).contiguous() if init is not None else agg_b.new_zeros(B, 1, N)
         last_ = agg_a[:, 0] * carry[:, 0] + agg_b[:, 0]
-    chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, carry, out, hp, h0p, dap, T, N, G, n_chunks,
+    chunk_diag_scan_fwd_kernel[(n_chunks * n_seq,)](a, b, agg_a, agg_b, carry, out, hp, h0p, dap, T, N, G, n_chunks,
                                                   PHASE=1, **common)
     last.copy_(last_)
     return out, last, da
@@ -467,7 +470,7 @@ def diag_scan_map(a: torch.Tensor, b: torch.Tensor, *, block_t: int | None = Non
     G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
     agg_a = torch.empty(B, n_chunks, N, device=b.device, dtype=torch.float32)
     agg_b = torch.empty_like(agg_a)
-    chunk_diag_scan_fwd_kernel[(n_chunks, n_seq)](a, b, agg_a, agg_b, agg_a, agg_a, agg_a, agg_a, agg_a, T, N, G,
+    chunk_diag_scan_fwd_kernel[(n_chunks * n_seq,)](a, b, agg_a, agg_b, agg_a, agg_a, agg_a, agg_a, agg_a, T, N, G,
                                                   n_chunks, PHASE=0, REVERSE=False, HAS_DA=False, HAS_H0_DA=False,
                                                   CM=cm, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
     if n_chunks == 1:

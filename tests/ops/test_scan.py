@@ -176,6 +176,26 @@ def test_diag_triton_channel_major(kw):
         assert_close(name, want, got, 2e-5)
 
 
+@pytest.mark.skipif(DEV.type != "cuda", reason="CUDA grid limits (the interpreter has none; 76,800 programs)")
+def test_diag_triton_channel_major_many_sequences():
+    """Channel-major memory has one sequence per channel: B · N = 76,800 of them here, more than a CUDA grid's second
+    axis holds (65,535). The three-pass scan (forward, adjoint with da) and ``scan_map`` launch on one axis."""
+    from pflow_dist.kernels.scan.diag import diag_scan_map
+
+    a, b, h0 = make(300, 40, 256, True, torch.float32, seed=7)
+    a, b = to_channel_major(a), to_channel_major(b)
+    kw = dict(algorithm="chunk", block_t=16, block_n=1)
+    h, hT = scan_forward(a, b, h0, "triton", **kw)
+    g, gT = torch.randn(a.shape, device=DEV), torch.randn_like(h0)
+    lam, _, da = scan_adjoint(a, g, gT, "triton", h=h, h0=h0, want_da=True, **kw)
+    M, D = diag_scan_map(a, b, block_t=16, block_n=1)
+    rh, rT, (rda, rdb, _) = reference(a, b, h0, g, gT)
+    rM = a.double().prod(dim=1)
+    for name, want, got in (("h", rh, h), ("h_T", rT, hT), ("lambda", rdb, lam), ("da", rda, da), ("M", rM, M),
+                            ("D", rT - rM * h0.double(), D)):
+        assert_close(name, want, got, 2e-5)
+
+
 def test_scan_channel_major_autograd():
     """``scan`` on channel-major leaves (Triton): values and every gradient, the gradients in the leaves' layout."""
     from pflow_dist.kernels.scan.diag import is_channel_major
