@@ -171,7 +171,7 @@ def chunk_flow_fwd(q, k, v, beta, G, scale: float, h0, output_final_state: bool,
     """
     W, U, Ainv, h, Vn, hT = _wy_state(k, v, beta, G, h0, p, output_final_state, _inter_dtype(q), boundary)
     o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
-    chunk_flow_output_fwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
+    chunk_flow_output_fwd_kernel[(triton.cdiv(p.V, p.BV) * p.NT, p.B * p.H)](
         q, k, Vn, h, G if G is not None else Vn, o, scale, p.T, p.NT,
         H=p.H, R=p.R, K=p.K, V=p.V,
         BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=G is not None, DT=dot_dtype(q),
@@ -205,7 +205,7 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     # still cheaper than the dvlocal kernel); fuse_dvl=2 also fuses with P > 1 groups (a tuning knob)
     fuse_dvl = (P == 1 and _cfg("fuse_dvl") == 1) or _cfg("fuse_dvl") == 2
     if not fuse_dvl:
-        chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV), p.NT, p.B * p.H)](
+        chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV) * p.NT, p.B * p.H)](
             q, k, do, Gp, dVn, scale, p.T, p.NT,
             H=p.H, R=p.R, K=p.K, V=p.V,
             BT=p.BT, BC=p.BC, BQ=p.BQ, R_PAD=p.R_PAD, BK=p.BK, BV=p.BV, GATED=gated, DT=dot_dtype(q),

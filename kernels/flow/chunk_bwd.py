@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _gates, _row_offsets, _rows
+from .chunk_fwd import _gates, _row_offsets, _rows, _vblock_chunk_head
 from .chunk_io import load_mat, load_rows, store_mat, store_rows
 
 __all__ = ["chunk_flow_dvlocal_bwd_kernel", "chunk_flow_grads_bwd_kernel", "chunk_flow_state_bwd_kernel"]
@@ -38,7 +38,7 @@ def chunk_flow_dvlocal_bwd_kernel(
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_c, i_bh = _vblock_chunk_head(V, BV)
     i_b, i_h = i_bh // H, i_bh % H
     bh64 = i_bh.to(tl.int64)
     t0 = i_c * BC

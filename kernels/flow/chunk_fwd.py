@@ -107,13 +107,22 @@ def chunk_flow_state_fwd_kernel(
 
 
 @triton.jit
+def _vblock_chunk_head(V: tl.constexpr, BV: tl.constexpr):
+    """``(V block, chunk, b·H + h)`` of a per-chunk program: V blocks × chunks share grid axis 0 (V blocks adjacent),
+    heads take axis 1 (a second axis holds at most 65,535: chunks there capped T at 65,535 · BC tokens)."""
+    nv = tl.cdiv(V, BV)
+    pid = tl.program_id(0)
+    return pid % nv, pid // nv, tl.program_id(1)
+
+
+@triton.jit
 def chunk_flow_output_fwd_kernel(
     q, k, Vn, h, Gtok, o, scale,
     T, NT, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BQ: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATED: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_c, i_bh = _vblock_chunk_head(V, BV)
     i_b, i_h = i_bh // H, i_bh % H
     bh64 = i_bh.to(tl.int64)
     t0 = i_c * BC

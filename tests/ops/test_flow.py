@@ -236,3 +236,33 @@ def test_local_dvn_fused_or_not(name, cfg, device, monkeypatch):
     _, R, form, gated, B, T, H, K, V, C = BY_ID[name]
     x = _inputs(R, gated, B, T, H, K, V, torch.float32, device)
     _check_against_reference(x, form, C, "triton", TOL[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grid limits (the interpreter has none; 2^20 tokens)")
+def test_more_chunks_than_a_second_grid_axis_holds():
+    """Rank 4 takes 16-token chunks: T = 1,048,616 is 65,539 of them, more than a CUDA grid's second axis holds
+    (65,535; the per-chunk output and local-dVn kernels once put chunks there). The whole sequence in one call
+    equals two halves chained through the state: output, final state and every gradient."""
+    x = _inputs(4, True, 1, 65536 * 16 + 40, 1, 16, 16, torch.float32, "cuda")
+    kw = dict(rank_form="product", chunk_size=64, backend="triton")
+
+    def run(split: bool):
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+        if split:
+            s = x["q"].shape[1] // 2
+            first = {n: (t if n == "initial_state" else t[:, :s]) for n, t in leaves.items()}
+            o1, S1 = chunk_flow(**first, output_final_state=True, **kw)
+            rest = {n: t[:, s:] for n, t in leaves.items() if n != "initial_state"}
+            o2, S = chunk_flow(**rest, initial_state=S1, output_final_state=True, **kw)
+            o = torch.cat([o1, o2], dim=1)
+        else:
+            o, S = chunk_flow(**leaves, output_final_state=True, **kw)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        do = torch.randn(o.shape, device="cuda", generator=gen)
+        dS = torch.randn(S.shape, device="cuda", generator=gen)
+        grads = torch.autograd.grad((o * do).sum() + (S * dS).sum(), list(leaves.values()))
+        return {"o": o, "final_state": S, **{"d" + n: g for n, g in zip(leaves, grads, strict=True)}}
+
+    whole, halves = run(False), run(True)
+    for name, want in halves.items():
+        assert_close(name, want.double(), whole[name], 1e-4)
