@@ -22,8 +22,8 @@ ROWS_MAX = 64  # rows (t, r) per chunk: the (I + A) solve and the BT×BT tiles l
 
 # Tiling knobs: bk / bv = K / V blocks of the parallel kernels (≤ 64), bvs = V block of the sequential state kernels,
 # groups = chunk groups of the state passes (0: auto, chunk_scan.py), fuse_dvl = compute the local dVn (Attᵀ dO) in
-# the reverse state passes instead of a kernel of its own (1: with one group, 2: always), nw_<kernel> / ns_<kernel> =
-# num_warps / num_stages. FLOW_CFG="bk=32,nw_grads=8,..." overrides (tuning runs).
+# the reverse state passes instead of a kernel of its own (1: auto, see chunk_flow_bwd; 2: always), nw_<kernel> /
+# ns_<kernel> = num_warps / num_stages. FLOW_CFG="bk=32,nw_grads=8,..." overrides (tuning runs).
 _CFG = {
     "bk": 64, "bv": 64, "bvs": 64, "groups": 0, "save": -1, "fuse_dvl": 1,
     "nw_wy": 2, "nw_state": 4, "nw_out": 4, "nw_dvl": 8, "nw_sbwd": 4, "nw_grads": 8,
@@ -201,9 +201,12 @@ def chunk_flow_bwd(q, k, v, beta, G, scale: float, h0, do, dht, p: ChunkPlan, ne
     rows = p.B * p.H * p.NT * p.BT
     dVn = torch.empty(rows, p.V, device=dev, dtype=inter)  # as fla: its dv2 is stored in the input dtype
     P = num_groups(p, dev, _cfg("groups"))
-    # fused with one group (its map pass for a sequence-parallel boundary and its true pass both recompute Attᵀ dO,
-    # still cheaper than the dvlocal kernel); fuse_dvl=2 also fuses with P > 1 groups (a tuning knob)
-    fuse_dvl = (P == 1 and _cfg("fuse_dvl") == 1) or _cfg("fuse_dvl") == 2
+    # fuse_dvl=1 (auto): fused with one group (its map pass for a sequence-parallel boundary and its true pass both
+    # recompute Attᵀ dO, still cheaper than the dvlocal kernel) and, without a gate, with P > 1 groups too (H200, B1
+    # T65536 H16 D128 bf16, 9 groups, fwd+bwd: 7.38 -> 6.79 ms; gated 8.50 -> 9.94 ms, the gate's exp in every
+    # recomputation); 2: always; 0: never
+    mode = _cfg("fuse_dvl")
+    fuse_dvl = mode == 2 or (mode == 1 and (P == 1 or not gated))
     if not fuse_dvl:
         chunk_flow_dvlocal_bwd_kernel[(triton.cdiv(p.V, p.BV) * p.NT, p.B * p.H)](
             q, k, do, Gp, dVn, scale, p.T, p.NT,

@@ -209,10 +209,11 @@ def test_bad_options(device):
 
 
 @pytest.mark.parametrize("groups", [2, 3])
-@pytest.mark.parametrize("name", ["gated-T63-K24", "product-R3-gated-T19"])
+@pytest.mark.parametrize("name", ["gated-T63-K24", "product-R3-gated-T19", "delta-T37-K16"])
 def test_grouped_state_passes(name, groups, device, monkeypatch):
     # the second algorithm (chunk_scan.py): group flows in parallel, composed, then the chunk states per group;
-    # forced here (on the GPU it is chosen when the sequential pass would leave SMs idle)
+    # forced here (on the GPU it is chosen when the sequential pass would leave SMs idle); without a gate the
+    # reverse passes compute Attᵀ dO themselves (fuse_dvl auto), with one they read it from the dvlocal kernel
     monkeypatch.setenv("FLOW_CFG", f"groups={groups}")
     _, R, form, gated, B, T, H, K, V, C = BY_ID[name]
     x = _inputs(R, gated, B, T, H, K, V, torch.float32, device)
