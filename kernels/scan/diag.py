@@ -450,9 +450,11 @@ def diag_scan_triton(
     return out, last, da
 
 
-def diag_scan_map(a: torch.Tensor, b: torch.Tensor, *, block_t: int | None = None,
+def diag_scan_map(a: torch.Tensor, b: torch.Tensor, *, reverse: bool = False, block_t: int | None = None,
                   block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole sequence's map of ``h_t = a_t ⊙ h_{t-1} + b_t``: ``h_T = M ⊙ h_0 + D`` (no autograd).
+    """The whole sequence's map of ``h_t = a_t ⊙ h_{t-1} + b_t``: ``h_T = M ⊙ h_0 + D`` (no autograd); with
+    ``reverse``, that of the adjoint ``λ_t = b_t + a_{t+1} ⊙ λ_{t+1}`` (``a_T := 1``): ``λ_1 = M ⊙ λ_{T+1} + D``, so
+    ``D`` is the adjoint's first value from zero and ``M = Π_{t≥2} a_t``.
 
     One read of ``a`` and ``b`` (the three-pass scan's first pass: every tile's map), then the tile maps folded: ``M``
     by a product over tiles, ``D`` by a scan over them. Nothing of length T is written, where a scan from zero for
@@ -466,12 +468,12 @@ def diag_scan_map(a: torch.Tensor, b: torch.Tensor, *, block_t: int | None = Non
     """
     B, T, N = b.shape
     cm = _layout(a, b)
-    bt, bn, warps = diag_tile_config(N, block_t, block_n, channel_major=cm, T=T)
+    bt, bn, warps = diag_tile_config(N, block_t, block_n, channel_major=cm, T=T, reverse=reverse)
     G, n_chunks, n_seq = _grid_dims(B, T, N, bt, bn)
     agg_a = torch.empty(B, n_chunks, N, device=b.device, dtype=torch.float32)
     agg_b = torch.empty_like(agg_a)
     chunk_diag_scan_fwd_kernel[(n_chunks * n_seq,)](a, b, agg_a, agg_b, agg_a, agg_a, agg_a, agg_a, agg_a, T, N, G,
-                                                  n_chunks, PHASE=0, REVERSE=False, HAS_DA=False, HAS_H0_DA=False,
+                                                  n_chunks, PHASE=0, REVERSE=reverse, HAS_DA=False, HAS_H0_DA=False,
                                                   CM=cm, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
     if n_chunks == 1:
         return agg_a[:, 0], agg_b[:, 0]

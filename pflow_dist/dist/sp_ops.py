@@ -156,7 +156,8 @@ class _SPDiagScan(torch.autograd.Function):
     Forward: the shard's map ``(M, D)`` from one read (:func:`~pflow_dist.ops.scan.scan_map`, nothing of length T
     written), ``h_in`` from the combine, then one scan from ``h_in``. Backward (the sp_deer adjoint, diagonal): the
     gradient reaching this shard's end state from the later ranks, ``μ``, obeys ``μ_{p-1} = M_p ⊙ μ_p + E_p`` with
-    ``E_p = a_1 ⊙ λ⁰_1`` (``λ⁰``: the local adjoint from zero), the *reverse* combine of ``(M_p, E_p)``; then the local
+    ``E_p = a_1 ⊙ λ⁰_1`` (``λ⁰``: the local adjoint from zero; ``λ⁰_1`` from the adjoint's map, one read of ``a`` and
+    ``dh``, nothing of length T written), the *reverse* combine of ``(M_p, E_p)``; then the local
     adjoint with ``∂L/∂h_end += μ`` gives ``da``, ``db`` and the gradient at ``h_in``, which on rank 0 is the whole
     sequence's ``∂L/∂h_0`` (sent to every rank, like :func:`~pflow_dist.dist.combine.incoming_state`'s). The map's own
     gradient needs no pass: ``M`` and ``D`` reach the later ranks only through ``h_end = M ⊙ h_in + D``.
@@ -176,7 +177,7 @@ class _SPDiagScan(torch.autograd.Function):
         a, h, h_in, M = ctx.saved_tensors
         group, backend, algorithm = ctx.args
         first_gate = a[:, 0].to(M.dtype)
-        lam0 = scan_adjoint(a, dh, None, backend, out_dtype=M.dtype)[1]  # from zero beyond the shard
+        lam0 = scan_map(a, dh, backend, reverse=True)[1].to(M.dtype)  # λ_1 from zero beyond the shard, one read
         mu = incoming_state(M, first_gate * lam0, None, group, diagonal=True, reverse=True, algorithm=algorithm)
         lam, lam_first, da = scan_adjoint(a, dh, mu, backend, h=h, h0=h_in, want_da=True, out_dtype=h.dtype)
         dh0 = None

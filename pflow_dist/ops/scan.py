@@ -103,18 +103,23 @@ def scan_forward(
     return h.to(out_dtype), hT
 
 
-def scan_map(a: torch.Tensor, b: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_map(a: torch.Tensor, b: torch.Tensor, backend: str,
+             reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole sequence's map of a diagonal scan on a resolved backend, no autograd: ``h_T = M ⊙ h_0 + D`` with
-    ``(M [B, N], D [B, N])`` in float32 (float64 for float64 ``b``). Triton: one read of ``a`` and ``b``, nothing of
-    length T written (:func:`~pflow_dist.kernels.scan.diag.diag_scan_map`); torch: a product and a scan from zero.
+    ``(M [B, N], D [B, N])`` in float32 (float64 for float64 ``b``); with ``reverse``, that of the adjoint scan
+    ``λ_t = b_t + a_{t+1} ⊙ λ_{t+1}`` (``D``: its first value from zero; ``M = Π_{t≥2} a_t``). Triton: one read of
+    ``a`` and ``b``, nothing of length T written (:func:`~pflow_dist.kernels.scan.diag.diag_scan_map`); torch: a
+    product and a scan from zero.
     """
     if a.dim() != 3:
         raise ValueError(f"scan_map takes a diagonal scan (a [B, T, N]), got a of shape {list(a.shape)}")
     if backend == "triton":
         from ..kernels.scan.diag import diag_scan_map  # noqa: PLC0415
 
-        return diag_scan_map(*_diag_operands(a, b))
+        return diag_scan_map(*_diag_operands(a, b), reverse=reverse)
     acc = _acc_dtype(b.dtype)
+    if reverse:
+        return torch.prod(a[:, 1:].to(acc), dim=1), torch_scan_adjoint(a.to(acc), b.to(acc), None)[1]
     return torch.prod(a.to(acc), dim=1), torch_scan(a.to(acc), b.to(acc), None)[1]
 
 

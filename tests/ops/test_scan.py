@@ -114,7 +114,7 @@ def test_diag_triton_multi_tile(algorithm, publish, segment, T):
 @pytest.mark.parametrize("T", [5, 61, 150])
 def test_scan_map_is_the_sequence_map(T):
     """``scan_map``: ``h_T = M ⊙ h_0 + D`` for every ``h_0``, from the tile maps (Triton: 8-step tiles, so 1, 8 and 19
-    tiles, the last one partial) and on the torch backend, against the float64 scan."""
+    tiles, the last one partial) and on the torch backend, against the float64 scan; the same for the adjoint."""
     from pflow_dist.ops.scan import scan_map
 
     a, b, h0 = make(2, T, 6, True, torch.float32, seed=T)
@@ -126,6 +126,13 @@ def test_scan_map_is_the_sequence_map(T):
         assert M.shape == D.shape == h0.shape and M.dtype == torch.float32
         assert_close("h_T from the map", rT, M * h0 + D, 2e-5)
         assert_close("M", a.double().prod(dim=1), M, 2e-5)
+    # reverse: the adjoint's map, λ_1 = M ⊙ ∂L/∂h_T + D with M = Π_{t≥2} a_t, against the float64 adjoint
+    g = torch.randn_like(b)
+    _, _, (_, lam, _) = reference(a, b, h0, g, h0)
+    for M, D in (diag_scan_map(a, g, reverse=True, block_t=8, block_n=4), scan_map(a, g, "torch", reverse=True),
+                 diag_scan_map(to_channel_major(a), to_channel_major(g), reverse=True, block_t=8, block_n=2)):
+        assert_close("lambda_1 from the map", lam[:, 0], M * h0 + D, 2e-5)
+        assert_close("M", a[:, 1:].double().prod(dim=1), M, 2e-5)
     with pytest.raises(ValueError, match="diagonal"):
         scan_map(torch.zeros(1, 3, 2, 2), b[:1, :3, :2], "torch")
 
