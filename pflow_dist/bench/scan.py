@@ -6,8 +6,9 @@ Implementations, on the same values (the peer gets them in its [B, C, T] layout,
   (channel-major ``[B, T, N]``, run by the kernels without a copy);
 - ``ours-3pass``: the same op with the three-pass chunked Triton algorithm;
 - ``ours-sp`` / ``ours-sp-bct``: the per-rank work of ``sp_scan`` (``pflow_dist.dist.sp_ops``: the shard's map from one
-  read, one scan; backward one adjoint from zero, one with da) on a one-rank process group, in the two memory
-  layouts: what each GPU computes under sequence parallelism, without the communication (one GPU suffices);
+  read, one scan; backward the adjoint's map from one read, one adjoint with da) on a one-rank process group, in the
+  two memory layouts: what each GPU computes under sequence parallelism, without the communication (one GPU
+  suffices);
 - ``torch``: the chunked log-depth plain-torch scan (``backend="torch"``, the CPU path, run on the same device);
 - ``accelerated-scan``: ``accelerated_scan.scalar.scan`` (Triton, one program per sequence), when installed;
 - ``accelerated-scan-warp``: ``accelerated_scan.warp.scan`` (its CUDA kernel, compiled on first use by
